@@ -1,0 +1,222 @@
+"""
+Loading hermux's two configuration files: the upstream keys (tokens.csv) and
+the clients' access tokens (allow.txt).
+
+Every problem is reported as one L{ConfigError} naming the file and line, and
+never quoting a key or an access token.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+
+import attr
+
+_KEY_COLUMNS = ("name", "token")
+_OPTIONAL_COLUMNS = ("daily_limit",)
+_NAME = re.compile(r"[\x20-\x7e]{1,64}")
+# A secret travels in an Authorization header: visible ASCII, no spaces.
+_SECRET = re.compile(r"[\x21-\x7e]+")
+
+
+@attr.frozen
+class Key:
+    """
+    One upstream API key: its public name and its secret token.
+
+    The token is left out of C{repr} so that a key can never be logged by
+    accident.
+    """
+
+    name: str
+    token: str = attr.field(repr=False)
+    dailyLimit: int | None = None
+
+
+class ConfigError(Exception):
+    """
+    A configuration file hermux cannot use.  C{str()} of it is one line that
+    names the file (and the line, where there is one) and what is wrong.
+    """
+
+    def __init__(self, path: str, message: str, line: int | None = None):
+        super().__init__(path, message, line)
+        self.path = path
+        self.message = message
+        self.line = line
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.path}: {self.message}"
+        return f"{self.path}, line {self.line}: {self.message}"
+
+
+def _readText(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(path, "file not found")
+    except IsADirectoryError:
+        raise ConfigError(path, "is a directory, not a file")
+    except OSError as e:
+        raise ConfigError(path, f"cannot read: {e.strerror}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(path, "not UTF-8 text", line)
+
+
+def loadKeys(path: str) -> tuple[Key, ...]:
+    """
+    Read the upstream keys from a CSV file with the header C{name,token} and
+    an optional third column C{daily_limit}.
+    """
+    return parseKeys(_readText(path), path)
+
+
+def parseKeys(text: str, path: str = "tokens.csv") -> tuple[Key, ...]:
+    """
+    Parse the text of a tokens.csv file; C{path} only names it in errors.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows = _nonBlankRows(reader, path)
+    header = next(rows, None)
+    if header is None:
+        raise ConfigError(path, "empty file; expected the header 'name,token'")
+    lineNumber, columns = header
+    columns = [c.strip().lower() for c in columns]
+    if tuple(columns) not in (_KEY_COLUMNS, _KEY_COLUMNS + _OPTIONAL_COLUMNS):
+        raise ConfigError(
+            path,
+            "the first line must be the header 'name,token' "
+            "(or 'name,token,daily_limit')",
+            lineNumber,
+        )
+    keys: list[Key] = []
+    namesSeen: dict[str, int] = {}
+    tokensSeen: dict[str, int] = {}
+    for lineNumber, row in rows:
+        key = _parseKeyRow(row, len(columns), path, lineNumber)
+        if key.name in namesSeen:
+            raise ConfigError(
+                path,
+                f"duplicate name {key.name!r} (first on line {namesSeen[key.name]})",
+                lineNumber,
+            )
+        if key.token in tokensSeen:
+            raise ConfigError(
+                path,
+                f"duplicate token (the same as on line {tokensSeen[key.token]})",
+                lineNumber,
+            )
+        namesSeen[key.name] = tokensSeen[key.token] = lineNumber
+        keys.append(key)
+    if not keys:
+        raise ConfigError(path, "no keys: add one 'name,token' line per key")
+    return tuple(keys)
+
+
+def _nonBlankRows(reader, path):
+    """
+    Yield C{(line number, row)} for each row with content, turning CSV
+    syntax errors into L{ConfigError}.
+    """
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ConfigError(path, f"not valid CSV ({e})", reader.line_num)
+        if any(field.strip() for field in row):
+            yield reader.line_num, row
+
+
+def _parseKeyRow(row: list[str], width: int, path: str, line: int) -> Key:
+    if len(row) != width:
+        raise ConfigError(
+            path, f"expected {width} columns, found {len(row)}", line
+        )
+    name, token = row[0].strip(), row[1].strip()
+    if not name:
+        raise ConfigError(path, "empty name", line)
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            path,
+            "a name must be printable ASCII (letters, digits, punctuation, "
+            "spaces) and at most 64 characters",
+            line,
+        )
+    if not token:
+        raise ConfigError(path, f"empty token for {name!r}", line)
+    if not _SECRET.fullmatch(token):
+        raise ConfigError(
+            path,
+            f"the token for {name!r} contains spaces or non-ASCII characters",
+            line,
+        )
+    dailyLimit = None
+    if width == 3 and row[2].strip():
+        text = row[2].strip()
+        if not text.isascii() or not text.isdigit():
+            raise ConfigError(
+                path,
+                f"daily_limit for {name!r} must be a whole number of "
+                f"requests, 0 or more (or empty for no limit), not {text!r}",
+                line,
+            )
+        dailyLimit = int(text)
+    return Key(name=name, token=token, dailyLimit=dailyLimit)
+
+
+def loadAccessTokens(path: str) -> tuple[str, ...]:
+    """
+    Read the access tokens that clients may present, one per line; blank
+    lines and lines starting with C{#} are ignored.
+    """
+    return parseAccessTokens(_readText(path), path)
+
+
+def parseAccessTokens(text: str, path: str = "allow.txt") -> tuple[str, ...]:
+    """
+    Parse the text of an allow.txt file; C{path} only names it in errors.
+    """
+    tokens: dict[str, int] = {}
+    for lineNumber, line in enumerate(text.splitlines(), start=1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if not _SECRET.fullmatch(token):
+            raise ConfigError(
+                path,
+                "an access token must be one word of visible ASCII characters",
+                lineNumber,
+            )
+        if token in tokens:
+            raise ConfigError(
+                path,
+                f"duplicate access token (the same as on line {tokens[token]})",
+                lineNumber,
+            )
+        tokens[token] = lineNumber
+    if not tokens:
+        raise ConfigError(path, "no access tokens: add one token per line")
+    return tuple(tokens)
+
+
+def checkSeparate(keys: tuple[Key, ...], accessTokens: tuple[str, ...], allowPath: str):
+    """
+    Refuse an access token that is also an upstream key: a client holding it
+    would hold an OpenRouter key.
+    """
+    secrets = {key.token for key in keys}
+    if any(token in secrets for token in accessTokens):
+        raise ConfigError(
+            allowPath,
+            "an access token is also an upstream key; "
+            "clients and OpenRouter must get different secrets",
+        )

@@ -1,0 +1,123 @@
+"""
+What of a client's request may reach the upstream, and what of the upstream's
+answer may reach the client.
+
+Headers are filtered as an HTTP proxy must (RFC 9110 section 7.6.1): the
+hop-by-hop ones stay on their own connection.  The client's credentials and
+cookies never go upstream; the upstream's cookies never reach a client.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote_to_bytes
+
+from twisted.web.http_headers import Headers
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Content-Length and Expect are about the client's connection too: the body
+# is already buffered, and the upstream request states its own length.
+_CLIENT_ONLY = frozenset(
+    {b"host", b"authorization", b"cookie", b"content-length", b"expect"}
+)
+_UPSTREAM_ONLY = frozenset({b"set-cookie"})
+
+_UNSAFE_TARGET_BYTE = re.compile(rb"[^\x21-\x7e]|#")
+_UNSAFE_SEGMENT_BYTE = re.compile(rb"[\x00-\x20\x7f/\\]")
+
+
+class BadTarget(ValueError):
+    """
+    A request target that hermux will not forward; C{str()} says why.
+    """
+
+
+def _connectionOptions(headers: Headers) -> frozenset[bytes]:
+    """
+    The header names that the C{Connection} header declares hop-by-hop.
+    """
+    values = headers.getRawHeaders(b"connection") or ()
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(b",")
+    )
+
+
+def _passing(headers: Headers, dropped: frozenset[bytes]):
+    named = _connectionOptions(headers)
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if (
+            lower in dropped
+            or lower in HOP_BY_HOP
+            or lower.startswith(b"proxy-")
+            or lower in named
+        ):
+            continue
+        yield name, values
+
+
+def upstreamHeaders(clientHeaders: Headers, keyToken: bytes) -> Headers:
+    """
+    The headers to send upstream for a client's request: the client's
+    end-to-end headers, less its credentials and cookies, with the upstream
+    key as the only credential.
+    """
+    headers = Headers()
+    for name, values in _passing(clientHeaders, _CLIENT_ONLY):
+        headers.setRawHeaders(name, values)
+    headers.setRawHeaders(b"Authorization", [b"Bearer " + keyToken])
+    return headers
+
+
+def copyResponseHeaders(upstream: Headers, client: Headers) -> None:
+    """
+    Copy the upstream's end-to-end response headers onto the client's
+    response, replacing any default of the same name.
+    """
+    for name, values in _passing(upstream, _UPSTREAM_ONLY):
+        client.setRawHeaders(name, values)
+
+
+def upstreamTarget(prefix: bytes, uri: bytes) -> bytes:
+    """
+    The request target to send upstream for a client's target C{uri}, which
+    the resource tree routed to a forwarding resource that adds C{prefix}
+    (C{b""} for C{/api/...}, C{b"/api"} for the C{/v1/...} alias).
+
+    The target is relayed byte for byte, query string included, but only if
+    it stays below the path it was routed to: no dot segments and no encoded
+    slashes, backslashes, control characters or empty segments that an
+    upstream might read differently.
+
+    @raise BadTarget: if it does not.
+    """
+    if _UNSAFE_TARGET_BYTE.search(uri):
+        raise BadTarget(
+            "the request target contains spaces, control or non-ASCII characters"
+        )
+    path = uri.partition(b"?")[0]
+    segments = path.split(b"/")[1:]
+    for position, segment in enumerate(segments, start=1):
+        if not segment:
+            if position == len(segments):
+                continue
+            raise BadTarget("the path contains an empty segment ('//')")
+        decoded = unquote_to_bytes(segment)
+        if decoded in (b".", b".."):
+            raise BadTarget("the path contains a '.' or '..' segment")
+        if _UNSAFE_SEGMENT_BYTE.search(decoded):
+            raise BadTarget(
+                "the path contains an encoded slash, backslash or control character"
+            )
+    return prefix + uri

@@ -1,0 +1,296 @@
+"""
+The relay: forwards one client request upstream with a chosen key and
+streams the answer back as it arrives.
+
+The client's connection paces the upstream's: the upstream transport is
+registered as the producer for the client's request, so a client that reads
+slowly stops hermux reading from the upstream, and a client that goes away
+aborts the upstream request.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from OpenSSL.SSL import Error as TLSError
+from twisted.internet import error
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    PotentialDataLoss,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from hermux.config import Key
+from hermux.errors import writeError
+from hermux.hygiene import copyResponseHeaders, upstreamHeaders
+from hermux.upstream import Upstream
+
+
+@implementer(IBodyProducer)
+class BufferedBody:
+    """
+    A request body that is already in memory, written upstream at once.
+
+    Twisted has buffered the client's whole body before the request is
+    rendered, so there is nothing to pace; the same bytes can be sent again.
+    """
+
+    def __init__(self, data: bytes):
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+def _requestBody(request) -> IBodyProducer | None:
+    """
+    The body to send upstream: none if the client sent none, so that a GET
+    stays without a Content-Length.
+    """
+    request.content.seek(0)
+    data = request.content.read()
+    if not data and not request.requestHeaders.hasHeader(b"content-length"):
+        return None
+    return BufferedBody(data)
+
+
+class _Watchdog:
+    """
+    Calls C{onIdle} when C{kick} has not been called for C{timeout} seconds.
+    """
+
+    def __init__(self, reactor, timeout: float):
+        self.fired = False
+        self.onIdle: Callable[[], object] = lambda: None
+        self._timeout = timeout
+        self._call = reactor.callLater(timeout, self._fire)
+
+    def kick(self):
+        if self._call.active():
+            self._call.reset(self._timeout)
+
+    def stop(self):
+        if self._call.active():
+            self._call.cancel()
+
+    def _fire(self):
+        self.fired = True
+        self.onIdle()
+
+
+class _BodyRelay(Protocol):
+    """
+    Writes an upstream response body to the client's request as it arrives.
+
+    C{done} fires when the body is complete, fails if the upstream broke,
+    and aborts the upstream read if it is cancelled.
+    """
+
+    def __init__(self, request, kick: Callable[[], None]):
+        self._request = request
+        self._kick = kick
+        self.done: Deferred[None] = Deferred(lambda _: self.abort())
+
+    def connectionMade(self):
+        self._request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes):
+        self._kick()
+        self._request.write(data)
+
+    def connectionLost(self, reason):
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+    def abort(self):
+        self.transport.stopProducing()
+
+
+def _causes(failure):
+    """
+    The failures that an agent's L{ResponseFailed} wraps, or the failure.
+    """
+    if failure.check(ResponseFailed):
+        return failure.value.reasons
+    return [failure]
+
+
+def _describeFailure(failure) -> tuple[int, str]:
+    """
+    The status and message for a client whose request never got an upstream
+    answer.  The message is a fixed sentence: exception text can hold
+    internals.
+    """
+    causes = _causes(failure)
+    if any(cause.check(error.TimeoutError, error.TCPTimedOutError) for cause in causes):
+        return 504, "timed out connecting to the upstream"
+    if any(cause.check(error.DNSLookupError) for cause in causes):
+        return 502, "the upstream host name does not resolve"
+    if any(cause.check(TLSError) for cause in causes):
+        return 502, "the upstream's TLS certificate could not be verified"
+    if any(cause.check(error.ConnectError) for cause in causes):
+        return 502, "could not connect to the upstream"
+    if failure.check(ResponseNeverReceived):
+        return 502, "the upstream closed the connection without answering"
+    if failure.check(ResponseFailed):
+        return 502, "the upstream sent an invalid response"
+    return 502, "the upstream request failed"
+
+
+class Relay:
+    """
+    Forwards requests to an L{Upstream} and streams the answers back.
+
+    @ivar idleTimeout: seconds without a byte from the upstream, from sending
+        the request to the end of the response, after which hermux gives up.
+    """
+
+    def __init__(self, upstream: Upstream, *, idleTimeout: float = 300.0, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self._upstream = upstream
+        self._reactor = reactor
+        self.idleTimeout = idleTimeout
+
+    def forward(self, request, target: bytes, key: Key) -> Deferred[None]:
+        """
+        Relay C{request} to the upstream's C{target} with C{key}.  The
+        returned Deferred fires when the exchange is over, however it ended.
+        """
+        watchdog = _Watchdog(self._reactor, self.idleTimeout)
+        exchange = _Exchange(request, self._upstream, target, key, watchdog)
+        d = ensureDeferred(exchange.run())
+        request.notifyFinish().addErrback(exchange.clientWentAway, d)
+        return d.addErrback(exchange.failed)
+
+
+class _Exchange:
+    """
+    One client request and the upstream's answer to it.
+    """
+
+    _log = Logger()
+
+    def __init__(self, request, upstream, target, key, watchdog):
+        self._request = request
+        self._upstream = upstream
+        self._target = target
+        self._key = key
+        self._watchdog = watchdog
+        self._clientGone = False
+
+    def clientWentAway(self, reason, running: Deferred) -> None:
+        self._clientGone = True
+        self._request.outcome = "client went away"
+        running.cancel()
+
+    async def run(self) -> None:
+        try:
+            response = await self._open()
+            if response is not None:
+                self._sendHead(response)
+                await self._relayBody(response)
+        finally:
+            self._watchdog.stop()
+
+    async def _open(self):
+        """
+        Send the request upstream and wait for the response head; answer the
+        client with an error and return L{None} if there is none.
+        """
+        request = self._request
+        pending = self._upstream.request(
+            request.method,
+            self._target,
+            upstreamHeaders(request.requestHeaders, self._key.token.encode("ascii")),
+            _requestBody(request),
+        )
+        self._watchdog.onIdle = pending.cancel
+        try:
+            return await pending
+        except Exception:
+            if self._clientGone:
+                raise
+            if self._watchdog.fired:
+                code, message = 504, "the upstream did not answer in time"
+            else:
+                code, message = _describeFailure(Failure())
+            request.outcome = message
+            request.setHeader(b"X-Token-Name", self._key.name.encode("ascii"))
+            writeError(request, code, message)
+            return None
+
+    def _sendHead(self, response) -> None:
+        request = self._request
+        request.setResponseCode(response.code, response.phrase)
+        request.defaultContentType = None
+        copyResponseHeaders(response.headers, request.responseHeaders)
+        request.setHeader(b"X-Token-Name", self._key.name.encode("ascii"))
+        # Send the head now: a streaming client sees it before the first event.
+        request.write(b"")
+
+    async def _relayBody(self, response) -> None:
+        request = self._request
+        body = _BodyRelay(request, self._watchdog.kick)
+        self._watchdog.onIdle = body.abort
+        response.deliverBody(body)
+        try:
+            await body.done
+        except Exception:
+            if self._clientGone:
+                raise
+            # The upstream broke or stalled mid-body.  Close the client's
+            # connection without a clean end, so that it sees a truncated
+            # response rather than a complete-looking one.
+            request.outcome = (
+                "upstream stalled; response cut"
+                if self._watchdog.fired
+                else "upstream broke mid-body; response cut"
+            )
+            request.unregisterProducer()
+            request.loseConnection()
+            return
+        request.unregisterProducer()
+        request.finish()
+
+    def failed(self, failure) -> None:
+        """
+        The end of an exchange that raised: quietly if the client went away,
+        otherwise logged as the bug it is, with whatever answer is still
+        possible.
+        """
+        if self._clientGone:
+            return
+        request = self._request
+        self._log.failure(
+            "relaying {method} request failed",
+            failure,
+            method=request.method.decode("ascii", "replace"),
+        )
+        request.outcome = "internal error"
+        if request.startedWriting:
+            request.loseConnection()
+        else:
+            writeError(request, 500, "hermux failed to relay the request")

@@ -1,0 +1,164 @@
+"""
+The twistd plugin's options and service wiring: C{twistd hermux --help}.
+"""
+
+from __future__ import annotations
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from hermux.access import AccessList
+from hermux.config import ConfigError, checkSeparate, loadAccessTokens, loadKeys
+from hermux.demo import DemoUpstream
+from hermux.keypool import KeyPool
+from hermux.relay import Relay
+from hermux.resource import buildRoot
+from hermux.site import HermuxSite
+from hermux.upstream import connectToUpstream, loadTrustRoot, parseUpstreamURL
+
+DEFAULT_LISTEN = "tcp:3333:interface=127.0.0.1"
+
+
+def _positive(kind):
+    def coerce(text):
+        value = kind(text)
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+
+    coerce.coerceDoc = "Must be greater than zero."
+    return coerce
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "A reverse proxy in front of OpenRouter that spreads requests over "
+        "several API keys.  Clients send 'Authorization: Bearer <access "
+        "token>' (a token from --allow); hermux forwards each request with the "
+        "least-used key from --tokens and names it in an X-Token-Name header."
+    )
+
+    optFlags = [
+        [
+            "demo",
+            None,
+            "Serve a fake OpenRouter in-process and use it as the upstream "
+            "(nothing leaves the machine; every answer is fake).",
+        ],
+    ]
+
+    optParameters = [
+        ["tokens", None, "tokens.csv", "CSV file of upstream keys: name,token[,daily_limit]."],
+        ["allow", None, "allow.txt", "File of client access tokens, one per line."],
+        [
+            "upstream",
+            None,
+            "https://openrouter.ai",
+            "Upstream base URL: scheme and host[:port] only.",
+        ],
+        [
+            "upstream-ca",
+            None,
+            None,
+            "PEM file of the CA certificate to trust for the upstream "
+            "(default: the system's trust store).",
+        ],
+        [
+            "max-body",
+            None,
+            32 * 1024 * 1024,
+            "Largest request body accepted, in bytes.",
+            _positive(int),
+        ],
+        [
+            "connect-timeout",
+            None,
+            10.0,
+            "Seconds to wait for a connection to the upstream.",
+            _positive(float),
+        ],
+        [
+            "idle-timeout",
+            None,
+            300.0,
+            "Seconds without a byte from the upstream before a request is aborted.",
+            _positive(float),
+        ],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description):
+        """
+        Where to listen, as a strports description (repeatable; default
+        tcp:3333:interface=127.0.0.1).  Examples: tcp:8080, tcp6:3333,
+        unix:/run/hermux.sock, ssl:8443:privateKey=key.pem:certKey=cert.pem.
+        """
+        self["listen"].append(description)
+
+    def postOptions(self):
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        try:
+            self["upstream"] = parseUpstreamURL(self["upstream"])
+        except ValueError as e:
+            raise usage.UsageError(f"--upstream: {e}")
+        if self["upstream-ca"] is not None:
+            try:
+                self["upstream-ca"] = loadTrustRoot(self["upstream-ca"])
+            except ValueError as e:
+                raise usage.UsageError(f"--upstream-ca: {e}")
+
+
+def _loadConfiguration(options):
+    """
+    Read both configuration files, or stop with one line saying what is
+    wrong with them.
+    """
+    try:
+        keys = loadKeys(options["tokens"])
+        accessTokens = loadAccessTokens(options["allow"])
+        checkSeparate(keys, accessTokens, options["allow"])
+    except ConfigError as e:
+        raise SystemExit(f"hermux: {e}")
+    return keys, accessTokens
+
+
+def makeService(options, reactor=None) -> MultiService:
+    """
+    Build hermux's service tree from parsed L{Options}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    keys, accessTokens = _loadConfiguration(options)
+    hermux = MultiService()
+
+    pool = KeyPool(keys)
+    pool.setName("keypool")
+    pool.setServiceParent(hermux)
+
+    upstream = connectToUpstream(
+        options["upstream"],
+        reactor=reactor,
+        trustRoot=options["upstream-ca"],
+        connectTimeout=options["connect-timeout"],
+    )
+    upstream.setName("upstream")
+    upstream.setServiceParent(hermux)
+    if options["demo"]:
+        DemoUpstream(upstream, [key.token for key in keys], reactor=reactor).setServiceParent(hermux)
+
+    relay = Relay(upstream, idleTimeout=options["idle-timeout"], reactor=reactor)
+    root = buildRoot(pool, AccessList(accessTokens), relay)
+    site = HermuxSite(root, maxBody=options["max-body"], reactor=reactor)
+    for description in options["listen"]:
+        try:
+            listener = strports.service(description, site, reactor=reactor)
+        except Exception as e:
+            raise SystemExit(f"hermux: --listen {description!r}: {e}")
+        listener.setServiceParent(hermux)
+    return hermux

@@ -1,0 +1,400 @@
+"""
+A fake OpenRouter, for tests, benchmarks and the demo mode: a twisted.web
+resource that answers chat completions (as JSON, or as server-sent events a
+few words at a time), C{/api/v1/models} and C{/api/v1/key}; checks the
+Bearer key; records every request it receives; and misbehaves on demand
+(stalls, drops a stream midway, floods, or answers whatever a test says).
+
+    fake = FakeOpenRouter(["sk-test-1", "sk-test-2"])
+    reactor.listenTCP(0, fakeSite(fake), interface="127.0.0.1")
+    fake.stallNext()                      # the next request never gets an answer
+    fake.answerNext(429, {"error": ...}, key="sk-test-1", times=None)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from collections.abc import Iterable
+
+import attr
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
+
+FAKE_MODEL = "hermux/fake-model"
+FAKE_ANSWER = "This is a fake answer from hermux.testing, not from a model."
+
+
+@attr.s(auto_attribs=True, eq=False)
+class ReceivedRequest:
+    """
+    A request as the fake OpenRouter received it.
+
+    @ivar peer: the address and port it came from, which tells connections
+        apart.
+    @ivar lost: fires if the connection closed before the fake finished
+        answering (for example because hermux aborted it).
+    """
+
+    method: bytes
+    uri: bytes
+    headers: Headers
+    body: bytes
+    peer: str
+    lost: Deferred = attr.Factory(Deferred)
+
+    @property
+    def key(self) -> str | None:
+        """
+        The Bearer token the request carried, if any.
+        """
+        value = self.headers.getRawHeaders(b"authorization", [b""])[-1]
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return None
+        return token.decode("ascii", "replace")
+
+
+@attr.s(auto_attribs=True)
+class _Script:
+    behave: object
+    key: str | None
+    times: int | None
+
+    def matches(self, key: str | None) -> bool:
+        return self.key is None or self.key == key
+
+
+def _json(request, status: int, payload) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(payload).encode("utf-8")
+
+
+def _error(request, status: int, message: str) -> bytes:
+    return _json(request, status, {"error": {"code": status, "message": message}})
+
+
+class FakeOpenRouter(Resource):
+    """
+    The fake.  C{keys} are the tokens it accepts (any Bearer token if
+    L{None}).  C{reactor} paces streamed events, C{eventInterval} seconds
+    apart: pass a L{twisted.internet.task.Clock} to release them one by one.
+
+    @ivar received: every request, in order of arrival.
+    @ivar usedToday: chat completions answered per key.
+    @ivar flooded: bytes written by C{floodNext} answers so far.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        keys: Iterable[str] | None = None,
+        *,
+        reactor=None,
+        eventInterval: float = 0.0,
+        dailyLimit: int = 50,
+    ):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.keys = None if keys is None else frozenset(keys)
+        self.eventInterval = eventInterval
+        self.dailyLimit = dailyLimit
+        self.received: list[ReceivedRequest] = []
+        self.usedToday: Counter[str] = Counter()
+        self.flooded = 0
+        self._reactor = reactor
+        self._scripts: list[_Script] = []
+        self._ids = itertools.count(1)
+
+    # Misbehaviour on demand.  Each applies to the next `times` requests
+    # (forever if None) carrying `key` (any key if None).
+
+    def answerNext(self, status: int, body, headers=None, *, key=None, times=1):
+        """
+        Answer with C{status}, C{body} (bytes, or anything JSON can encode)
+        and C{headers} (a dict of str to str).
+        """
+        if not isinstance(body, bytes):
+            body = json.dumps(body).encode("utf-8")
+
+        def answer(request, received):
+            request.setResponseCode(status)
+            request.setHeader(b"Content-Type", b"application/json")
+            for name, value in (headers or {}).items():
+                request.setHeader(name.encode("ascii"), value.encode("ascii"))
+            return body
+
+        self._script(answer, key, times)
+
+    def stallNext(self, *, key=None, times=1):
+        """
+        Never answer: no status line, no byte.
+        """
+        self._script(lambda request, received: NOT_DONE_YET, key, times)
+
+    def dropNext(self, afterEvents: int = 1, *, key=None, times=1):
+        """
+        Stream a chat completion, then close the connection after
+        C{afterEvents} events, as a crashing upstream would.
+        """
+
+        def drop(request, received):
+            return self._stream(request, received, dropAfter=afterEvents)
+
+        self._script(drop, key, times)
+
+    def floodNext(self, size: int | None = None, *, key=None, times=1):
+        """
+        Answer with C{size} bytes of event-stream comments (without end if
+        L{None}), written only as fast as the reader takes them.
+        """
+
+        def flood(request, received):
+            request.setHeader(b"Content-Type", b"text/event-stream")
+            _Flood(self, request, size).start()
+            return NOT_DONE_YET
+
+        self._script(flood, key, times)
+
+    def _script(self, behave, key, times):
+        self._scripts.append(_Script(behave, key, times))
+
+    def _scripted(self, key):
+        for script in self._scripts:
+            if script.matches(key):
+                if script.times is not None:
+                    script.times -= 1
+                    if script.times == 0:
+                        self._scripts.remove(script)
+                return script.behave
+        return None
+
+    # The API.
+
+    def render(self, request):
+        received = ReceivedRequest(
+            method=request.method,
+            uri=request.uri,
+            headers=request.requestHeaders.copy(),
+            body=request.content.read(),
+            peer=_peerText(request.getClientAddress()),
+        )
+        self.received.append(received)
+        request.notifyFinish().addErrback(received.lost.callback)
+        key = received.key
+        if key is None:
+            return _error(request, 401, "No auth credentials found")
+        if self.keys is not None and key not in self.keys:
+            return _error(request, 401, "User not found.")
+        scripted = self._scripted(key)
+        if scripted is not None:
+            return scripted(request, received)
+        route = (request.method, request.path)
+        if route == (b"POST", b"/api/v1/chat/completions"):
+            return self._chat(request, received)
+        if route == (b"GET", b"/api/v1/models"):
+            return self._models(request)
+        if route == (b"GET", b"/api/v1/key"):
+            return self._keyInfo(request, key)
+        return _error(request, 404, "Not Found")
+
+    def _chat(self, request, received):
+        try:
+            asked = json.loads(received.body)
+            if not isinstance(asked, dict):
+                raise ValueError()
+        except ValueError:
+            return _error(request, 400, "the body must be a JSON object")
+        self.usedToday[received.key] += 1
+        if asked.get("stream"):
+            return self._stream(request, received)
+        words = _words(asked.get("max_tokens"))
+        return _json(
+            request,
+            200,
+            {
+                **self._completionHead(asked, "chat.completion"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": " ".join(words)},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": _usage(words),
+            },
+        )
+
+    def _completionHead(self, asked, kind):
+        return {
+            "id": f"gen-fake-{next(self._ids)}",
+            "object": kind,
+            "created": int(self._reactor.seconds()),
+            "model": asked.get("model") or FAKE_MODEL,
+            "provider": "hermux-fake",
+        }
+
+    def _stream(self, request, received, dropAfter=None):
+        asked = json.loads(received.body or b"{}")
+        words = _words(asked.get("max_tokens"))
+        head = self._completionHead(asked, "chat.completion.chunk")
+        events = [b": OPENROUTER PROCESSING\n\n"]
+        for index, word in enumerate(words):
+            delta = {"role": "assistant", "content": word if index == 0 else " " + word}
+            events.append(_event({**head, "choices": [
+                {"index": 0, "delta": delta, "finish_reason": None}]}))
+        events.append(_event({**head, "choices": [
+            {"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": _usage(words)}))
+        events.append(b"data: [DONE]\n\n")
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        _EventSender(self._reactor, self.eventInterval, request, events, dropAfter).start()
+        return NOT_DONE_YET
+
+    def _models(self, request):
+        return _json(request, 200, {"data": [{
+            "id": FAKE_MODEL,
+            "name": "hermux fake model",
+            "context_length": 8192,
+            "pricing": {"prompt": "0", "completion": "0"},
+        }]})
+
+    def _keyInfo(self, request, key):
+        used = self.usedToday[key]
+        return _json(request, 200, {"data": {
+            "label": f"{key[:6]}...{key[-3:]}",
+            "limit": None,
+            "limit_remaining": None,
+            "usage": 0,
+            "is_free_tier": True,
+            "free_model_daily_requests": {
+                "limit": self.dailyLimit,
+                "remaining": max(0, self.dailyLimit - used),
+                "used": used,
+            },
+        }})
+
+
+def _peerText(address) -> str:
+    return f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
+
+
+class _QuietSite(Site):
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+def fakeSite(fake: FakeOpenRouter, reactor=None) -> Site:
+    """
+    A site serving C{fake} that writes no access log.
+    """
+    return _QuietSite(fake, reactor=reactor)
+
+
+def _words(maxTokens) -> list[str]:
+    words = FAKE_ANSWER.split()
+    if isinstance(maxTokens, int) and maxTokens > 0:
+        return list(itertools.islice(itertools.cycle(words), maxTokens))
+    return words
+
+
+def _usage(words) -> dict:
+    return {"prompt_tokens": 8, "completion_tokens": len(words),
+            "total_tokens": 8 + len(words)}
+
+
+def _event(payload) -> bytes:
+    return b"data: " + json.dumps(payload).encode("utf-8") + b"\n\n"
+
+
+class _EventSender:
+    """
+    Writes server-sent events to a request, C{interval} seconds apart,
+    optionally closing the connection after C{dropAfter} of them.
+    """
+
+    def __init__(self, reactor, interval, request, events, dropAfter):
+        self._reactor = reactor
+        self._interval = interval
+        self._request = request
+        self._events = iter(events)
+        self._left = dropAfter
+        self._lost = False
+        request.notifyFinish().addErrback(self._connectionLost)
+
+    def _connectionLost(self, reason):
+        self._lost = True
+
+    def start(self):
+        self._send()
+
+    def _send(self):
+        while not self._lost:
+            if self._left is not None:
+                if self._left == 0:
+                    self._request.loseConnection()
+                    return
+                self._left -= 1
+            event = next(self._events, None)
+            if event is None:
+                self._request.finish()
+                return
+            self._request.write(event)
+            if self._interval:
+                self._reactor.callLater(self._interval, self._send)
+                return
+
+
+@implementer(IPushProducer)
+class _Flood:
+    """
+    Writes event-stream comments to a request for as long as it takes them.
+    """
+
+    _CHUNK = b": " + b"x" * 16380 + b"\n\n"
+
+    def __init__(self, fake, request, size):
+        self._fake = fake
+        self._request = request
+        self._left = size
+        self._paused = False
+        self._stopped = False
+
+    def start(self):
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._produce()
+
+    def _produce(self):
+        while not (self._paused or self._stopped):
+            chunk = self._CHUNK
+            if self._left is not None:
+                if self._left <= 0:
+                    self._stopped = True
+                    self._request.unregisterProducer()
+                    self._request.finish()
+                    return
+                chunk = chunk[: self._left]
+                self._left -= len(chunk)
+            self._fake.flooded += len(chunk)
+            self._request.write(chunk)
+
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        self._produce()
+
+    def stopProducing(self):
+        self._stopped = True

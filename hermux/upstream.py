@@ -1,0 +1,130 @@
+"""
+The upstream: where hermux sends requests, and the one HTTP agent that
+reaches it over persistent, verified connections.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from twisted.application.service import Service
+from twisted.internet.ssl import Certificate
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
+from twisted.web.iweb import IAgent
+
+
+def parseUpstreamURL(text: str) -> bytes:
+    """
+    Check an upstream URL given on the command line and return its canonical
+    form: scheme and host, with the port only where it is not the default.
+
+    @raise ValueError: with a message for the user, if it is anything more or
+        less than C{http(s)://host[:port]}.
+    """
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"not a valid URL: {e}")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("the scheme must be http or https")
+    if not parts.hostname:
+        raise ValueError("a host is required, as in https://openrouter.ai")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials do not belong in the upstream URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            "give only scheme and host[:port]; hermux adds the path of each request"
+        )
+    try:
+        host = parts.hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError("the host name is not valid")
+    if ":" in host:
+        host = f"[{host}]"
+    default = {"http": 80, "https": 443}[parts.scheme]
+    netloc = host if port in (None, default) else f"{host}:{port}"
+    return f"{parts.scheme}://{netloc}".encode("ascii")
+
+
+def loadTrustRoot(path: str) -> Certificate:
+    """
+    Load the CA certificate that alone is trusted to vouch for the upstream.
+
+    @raise ValueError: with a message for the user, if it cannot be used.
+    """
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror}")
+    try:
+        return Certificate.loadPEM(pem)
+    except Exception:
+        raise ValueError(f"{path}: not a PEM certificate")
+
+
+class Upstream(Service):
+    """
+    The upstream hermux forwards to: its base URL and the agent that reaches
+    it.  As a service it closes the pooled connections when hermux stops.
+
+    C{base} may be set until the service starts (the demo upstream learns its
+    port only then).
+    """
+
+    def __init__(self, base: bytes, agent: IAgent, pool: HTTPConnectionPool | None = None):
+        self.base = base
+        self.agent = agent
+        self._pool = pool
+
+    def stopService(self):
+        super().stopService()
+        if self._pool is not None:
+            return self._pool.closeCachedConnections()
+
+    def request(self, method: bytes, target: bytes, headers, bodyProducer):
+        """
+        Send one request; C{target} is the path and query to append to the
+        base URL.
+        """
+        return self.agent.request(method, self.base + target, headers, bodyProducer)
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    The pool's connection factory, without a log line for every upstream
+    connection it opens and closes.
+    """
+
+    noisy = False
+
+
+def connectToUpstream(
+    base: bytes,
+    *,
+    reactor,
+    trustRoot: Certificate | None = None,
+    connectTimeout: float = 10.0,
+    maxIdleConnections: int = 64,
+) -> Upstream:
+    """
+    An L{Upstream} whose agent keeps connections alive and verifies TLS
+    certificates, against C{trustRoot} if given and the system's trust store
+    otherwise.  Verification is never turned off.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = maxIdleConnections
+    pool._factory = _QuietClientFactory
+    agent = Agent(
+        reactor,
+        contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trustRoot),
+        connectTimeout=connectTimeout,
+        pool=pool,
+    )
+    return Upstream(base, agent, pool)

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="hermux",
+    version="0.1.0",
+    description="A reverse proxy that spreads OpenRouter requests over several API keys.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # package_dir makes "pip install -e ." put the checkout on sys.path, where
+    # twistd finds twisted/plugins/hermux_plugin.py.
+    package_dir={"": "."},
+    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"])
+    + ["twisted.plugins"],
+    install_requires=[
+        "Twisted[tls]>=24.7",
+        "treq>=24.9",
+        "service-identity>=24.1",
+        "pyOpenSSL>=24.0",
+        "attrs>=23.1",
+    ],
+    extras_require={
+        "test": ["hypothesis>=6.100", "openai>=1.30"],
+    },
+    include_package_data=True,
+    zip_safe=False,
+)
