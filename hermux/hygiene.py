@@ -102,6 +102,10 @@ def upstreamTarget(prefix: bytes, uri: bytes) -> bytes:
 
     @raise BadTarget: if it does not.
     """
+    if not uri.startswith(b"/"):
+        # Twisted routes "@host/api/..." like "/api/...": drop it, or the
+        # upstream URL would read "https://openrouter.ai@host/api/...".
+        raise BadTarget("the request target must be a path starting with '/'")
     if _UNSAFE_TARGET_BYTE.search(uri):
         raise BadTarget(
             "the request target contains spaces, control or non-ASCII characters"
