@@ -82,7 +82,11 @@ def parseKeys(text: str, path: str = "tokens.csv") -> tuple[Key, ...]:
     """
     Parse the text of a tokens.csv file; C{path} only names it in errors.
     """
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    # Whitespace around fields is not part of them, quoted or not: skip it
+    # after commas, and drop it at line ends, where the csv module would
+    # call it an error after a closing quote.
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
     rows = _nonBlankRows(reader, path)
     header = next(rows, None)
     if header is None:
@@ -186,7 +190,9 @@ def parseAccessTokens(text: str, path: str = "allow.txt") -> tuple[str, ...]:
     Parse the text of an allow.txt file; C{path} only names it in errors.
     """
     tokens: dict[str, int] = {}
-    for lineNumber, line in enumerate(text.splitlines(), start=1):
+    # Only LF (and CRLF) end a line; str.splitlines would also split at
+    # form feeds and Unicode separators and miscount the lines.
+    for lineNumber, line in enumerate(text.split("\n"), start=1):
         token = line.strip()
         if not token or token.startswith("#"):
             continue
