@@ -26,6 +26,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+from hermux.site import HermuxChannel
+
 FAKE_MODEL = "hermux/fake-model"
 FAKE_ANSWER = "This is a fake answer from hermux.testing, not from a model."
 
@@ -188,7 +190,7 @@ class FakeOpenRouter(Resource):
             peer=_peerText(request.getClientAddress()),
         )
         self.received.append(received)
-        request.notifyFinish().addErrback(received.lost.callback)
+        request.notifyFinish().addErrback(lambda _: received.lost.callback(None))
         key = received.key
         if key is None:
             return _error(request, 401, "No auth credentials found")
@@ -287,8 +289,13 @@ def _peerText(address) -> str:
     return f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
 
 
-class _QuietSite(Site):
+class _FakeSite(Site):
+    protocol = HermuxChannel
     noisy = False
+
+    def __init__(self, fake, reactor=None):
+        super().__init__(fake, reactor=reactor)
+        self.channels = set()
 
     def log(self, request):
         pass
@@ -296,9 +303,10 @@ class _QuietSite(Site):
 
 def fakeSite(fake: FakeOpenRouter, reactor=None) -> Site:
     """
-    A site serving C{fake} that writes no access log.
+    A site serving C{fake} that writes no access log and keeps its open
+    connections in C{channels}.
     """
-    return _QuietSite(fake, reactor=reactor)
+    return _FakeSite(fake, reactor=reactor)
 
 
 def _words(maxTokens) -> list[str]:

@@ -1,0 +1,180 @@
+"""
+What the end-to-end tests share: a fake OpenRouter and a hermux in front of
+it, each on a loopback port of its own, clients for them, and a way to wait
+for something to become true.  Everything is torn down with the test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from hermux.access import AccessList
+from hermux.config import Key
+from hermux.keypool import KeyPool
+from hermux.relay import Relay
+from hermux.resource import buildRoot
+from hermux.site import HermuxSite
+from hermux.testing import FakeOpenRouter, fakeSite
+from hermux.upstream import connectToUpstream
+
+KEYS = (
+    Key("alpha", "sk-or-v1-test-alpha-4f1c9e0b7d2a"),
+    Key("beta", "sk-or-v1-test-beta-8e3d2c1b0a9f"),
+    Key("gamma", "sk-or-v1-test-gamma-1a2b3c4d5e6f"),
+)
+ACCESS_TOKEN = "test-access-token-7Jx2mQ9vR4"
+SECRETS = tuple(key.token for key in KEYS) + (ACCESS_TOKEN,)
+CHAT = "/api/v1/chat/completions"
+
+
+def chatBody(**extra) -> bytes:
+    return json.dumps(
+        {"model": "test/model", "messages": [{"role": "user", "content": "hi"}], **extra}
+    ).encode()
+
+
+async def waitUntil(predicate, timeout: float = 5.0, interval: float = 0.005):
+    """
+    Wait until C{predicate()} is true; fail after C{timeout} seconds.
+    """
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError(f"still not true after {timeout}s: {predicate}")
+        await deferLater(reactor, interval, lambda: None)
+        waited += interval
+
+
+async def sleep(seconds: float):
+    await deferLater(reactor, seconds, lambda: None)
+
+
+def closedFreePort() -> int:
+    """
+    A loopback port with nothing listening on it.
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proxy:
+    """
+    A L{FakeOpenRouter} and a hermux in front of it, on 127.0.0.1.
+
+    @ivar fake: the fake upstream.
+    @ivar site: hermux's site.
+    @ivar pool: hermux's key pool.
+    """
+
+    def __init__(
+        self,
+        testCase,
+        *,
+        keys=KEYS,
+        accessTokens=(ACCESS_TOKEN,),
+        upstreamBase: bytes | None = None,
+        trustRoot=None,
+        maxBody: int = 1024 * 1024,
+        idleTimeout: float = 30.0,
+        connectTimeout: float = 5.0,
+        eventClock=None,
+        eventInterval: float = 0.0,
+    ):
+        self._testCase = testCase
+        self.fake = FakeOpenRouter(
+            [key.token for key in keys],
+            reactor=eventClock or reactor,
+            eventInterval=eventInterval,
+        )
+        self.fakeSite = fakeSite(self.fake)
+        self.fakePort = self._listen(self.fakeSite)
+        if upstreamBase is None:
+            upstreamBase = b"http://127.0.0.1:%d" % (self.fakePort.getHost().port,)
+        self.upstream = connectToUpstream(
+            upstreamBase, reactor=reactor, trustRoot=trustRoot, connectTimeout=connectTimeout
+        )
+        testCase.addCleanup(self.upstream.stopService)
+        self.pool = KeyPool(keys)
+        self.relay = Relay(self.upstream, idleTimeout=idleTimeout, reactor=reactor)
+        root = buildRoot(self.pool, AccessList(accessTokens), self.relay)
+        self.site = HermuxSite(root, maxBody=maxBody)
+        self.port = self._listen(self.site)
+        clientPool = HTTPConnectionPool(reactor, persistent=False)
+        testCase.addCleanup(clientPool.closeCachedConnections)
+        self.client = HTTPClient(Agent(reactor, pool=clientPool))
+
+    def _listen(self, site):
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self._testCase.addCleanup(port.stopListening)
+        # Cleanups run last-added first: connections close before ports.
+        self._testCase.addCleanup(waitUntil, lambda: not site.channels)
+        return port
+
+    @property
+    def portNumber(self) -> int:
+        return self.port.getHost().port
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.portNumber}{path}"
+
+    def request(self, method, path, *, token=ACCESS_TOKEN, headers=None, data=None):
+        """
+        Send a request to hermux; the Deferred fires with the unbuffered
+        treq response.
+        """
+        headers = dict(headers or {})
+        if token is not None:
+            headers.setdefault("Authorization", f"Bearer {token}")
+        return self.client.request(
+            method, self.url(path), headers=headers, data=data, unbuffered=True
+        )
+
+    def chat(self, **extra):
+        return self.request(
+            "POST", CHAT, headers={"Content-Type": "application/json"}, data=chatBody(**extra)
+        )
+
+    def raw(self, data: bytes) -> Deferred[bytes]:
+        """
+        Send raw bytes to hermux and collect everything it sends back until
+        it closes the connection.
+        """
+        return rawExchange(self.portNumber, data)
+
+
+class _Collect(Protocol):
+    def __init__(self, data: bytes):
+        self._data = data
+        self.received = []
+        self.done = Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self._data)
+
+    def dataReceived(self, data):
+        self.received.append(data)
+
+    def connectionLost(self, reason):
+        self.done.callback(b"".join(self.received))
+
+
+async def rawExchange(port: int, data: bytes) -> bytes:
+    protocol = _Collect(data)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+    return await protocol.done
+
+
+def statusOf(rawResponse: bytes) -> int:
+    return int(rawResponse.split(b" ", 2)[1])

@@ -1,0 +1,239 @@
+"""
+Tests for L{hermux.access}: which C{Authorization} header values let a client
+in, and how a client is named without naming its token.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from hermux.access import AccessList, Client, clientLabel, presentedToken
+
+TOKEN_A = "hx-ACCESS-alpha-5e1c77"
+TOKEN_B = "hx-ACCESS-bravo-0a93fd"
+
+
+class AuthorizeTests(SynchronousTestCase):
+    """
+    Tests for L{AccessList.authorize}.
+    """
+
+    def setUp(self):
+        self.access = AccessList([TOKEN_A, TOKEN_B])
+
+    def assertAuthorizes(self, value: bytes, token: str):
+        client = self.access.authorize(value)
+        self.assertEqual(client, Client(clientLabel(token)), value)
+
+    def test_bearer(self):
+        """
+        C{Bearer <token>} authorizes the client holding the token.
+        """
+        self.assertAuthorizes(b"Bearer " + TOKEN_A.encode(), TOKEN_A)
+        self.assertAuthorizes(b"Bearer " + TOKEN_B.encode(), TOKEN_B)
+
+    def test_bearerAnyCase(self):
+        """
+        The C{Bearer} scheme is matched without regard to case.
+        """
+        for scheme in (b"bearer", b"BEARER", b"BeArEr"):
+            self.assertAuthorizes(scheme + b" " + TOKEN_A.encode(), TOKEN_A)
+
+    def test_extraWhitespace(self):
+        """
+        Extra spaces around the scheme and the token are tolerated.
+        """
+        for value in (
+            b"Bearer   " + TOKEN_A.encode(),
+            b"  Bearer " + TOKEN_A.encode() + b"  ",
+            b"Bearer " + TOKEN_A.encode() + b"\t",
+            b" " + TOKEN_A.encode() + b" ",
+        ):
+            self.assertAuthorizes(value, TOKEN_A)
+
+    def test_bareToken(self):
+        """
+        The token on its own, with no scheme, authorizes too.
+        """
+        self.assertAuthorizes(TOKEN_B.encode(), TOKEN_B)
+
+    def test_missingHeader(self):
+        """
+        No C{Authorization} header authorizes nobody.
+        """
+        self.assertIsNone(self.access.authorize(None))
+
+    def test_emptyValue(self):
+        """
+        An empty or blank header value authorizes nobody.
+        """
+        for value in (b"", b"   ", b"\t"):
+            self.assertIsNone(self.access.authorize(value), value)
+
+    def test_bearerAlone(self):
+        """
+        C{Bearer} with no token authorizes nobody.
+        """
+        for value in (b"Bearer", b"Bearer ", b"bearer    ", b"  BEARER"):
+            self.assertIsNone(self.access.authorize(value), value)
+
+    def test_unknownToken(self):
+        """
+        A token that is not in the list authorizes nobody, bare or with
+        C{Bearer}.
+        """
+        self.assertIsNone(self.access.authorize(b"Bearer hx-ACCESS-unknown"))
+        self.assertIsNone(self.access.authorize(b"hx-ACCESS-unknown"))
+
+    def test_prefixOfToken(self):
+        """
+        A prefix of a valid token is no token.
+        """
+        for end in (1, 5, len(TOKEN_A) - 1):
+            value = b"Bearer " + TOKEN_A.encode()[:end]
+            self.assertIsNone(self.access.authorize(value), value)
+
+    def test_extensionOfToken(self):
+        """
+        A valid token with more characters after it is no token.
+        """
+        for extra in (b"x", b"0", TOKEN_B.encode()):
+            value = b"Bearer " + TOKEN_A.encode() + extra
+            self.assertIsNone(self.access.authorize(value), value)
+
+    def test_tokenWithTrailingWord(self):
+        """
+        A valid token followed by another word is not that token.
+        """
+        value = b"Bearer " + TOKEN_A.encode() + b" extra"
+        self.assertIsNone(self.access.authorize(value))
+
+    def test_otherScheme(self):
+        """
+        A token under another scheme, such as C{Basic}, is not accepted.
+        """
+        self.assertIsNone(self.access.authorize(b"Basic " + TOKEN_A.encode()))
+
+    def test_caseOfTokenMatters(self):
+        """
+        Tokens are compared exactly: changing a letter's case makes another
+        token.
+        """
+        self.assertIsNone(self.access.authorize(b"Bearer " + TOKEN_A.upper().encode()))
+
+    def test_nonASCIIValue(self):
+        """
+        A header value that is not ASCII authorizes nobody (and does not
+        raise).
+        """
+        self.assertIsNone(self.access.authorize(b"Bearer \xff\xfe"))
+
+    def test_emptyList(self):
+        """
+        An empty access list authorizes nobody and has no length.
+        """
+        access = AccessList([])
+        self.assertEqual(len(access), 0)
+        self.assertIsNone(access.authorize(b"Bearer " + TOKEN_A.encode()))
+
+    def test_length(self):
+        """
+        The length of the list is the number of tokens.
+        """
+        self.assertEqual(len(self.access), 2)
+
+
+class PresentedTokenTests(SynchronousTestCase):
+    """
+    Tests for L{presentedToken}.
+    """
+
+    def test_bearer(self):
+        """
+        The token after C{Bearer} is the presented token.
+        """
+        self.assertEqual(presentedToken(b"Bearer abc"), b"abc")
+
+    def test_bare(self):
+        """
+        A value with no scheme is the token itself.
+        """
+        self.assertEqual(presentedToken(b" abc "), b"abc")
+
+    def test_nothing(self):
+        """
+        No header, an empty one and C{Bearer} alone present no token.
+        """
+        for value in (None, b"", b"Bearer", b"bearer  "):
+            self.assertIsNone(presentedToken(value), value)
+
+
+class ClientLabelTests(SynchronousTestCase):
+    """
+    Tests for L{clientLabel} and the labels L{AccessList} gives.
+    """
+
+    def test_stable(self):
+        """
+        The same token always gets the same label, also from different
+        access lists.
+        """
+        self.assertEqual(clientLabel(TOKEN_A), clientLabel(TOKEN_A))
+        first = AccessList([TOKEN_A]).authorize(b"Bearer " + TOKEN_A.encode())
+        second = AccessList([TOKEN_B, TOKEN_A]).authorize(TOKEN_A.encode())
+        self.assertEqual(first, second)
+
+    def test_different(self):
+        """
+        Different tokens, even ones that differ in one character, get
+        different labels.
+        """
+        tokens = [TOKEN_A, TOKEN_B, TOKEN_A + "x", TOKEN_A[:-1] + "8"]
+        self.assertEqual(len({clientLabel(token) for token in tokens}), len(tokens))
+
+    def test_labelHidesToken(self):
+        """
+        A label contains neither the token nor any long part of it.
+        """
+        for token in (TOKEN_A, TOKEN_B, "client-1234abcd"):
+            label = clientLabel(token)
+            self.assertNotIn(token, label)
+            self.assertNotIn(token[-8:], label)
+
+    def test_labelIsPrintable(self):
+        """
+        A label is short printable ASCII, fit for a log line or a metric.
+        """
+        label = clientLabel(TOKEN_A)
+        self.assertTrue(label.isascii() and label.isprintable(), label)
+        self.assertLessEqual(len(label), 32)
+        self.assertNotIn(" ", label)
+
+
+class StorageTests(SynchronousTestCase):
+    """
+    The access list keeps digests of the tokens, not the tokens.
+    """
+
+    def test_tokensNotStored(self):
+        """
+        No token appears among the list's stored keys or values, nor in
+        their C{repr}.
+        """
+        access = AccessList([TOKEN_A, TOKEN_B])
+        stored = access._clients
+        self.assertEqual(len(stored), 2)
+        everything = repr(stored) + repr(vars(access)) + repr(access)
+        for token in (TOKEN_A, TOKEN_B):
+            self.assertNotIn(token.encode(), stored)
+            self.assertNotIn(token, stored)
+            self.assertNotIn(token, everything)
+            for key in stored:
+                self.assertNotIn(token.encode(), key)
+
+    def test_clientReprHidesToken(self):
+        """
+        An authorized client's C{repr} does not show its token.
+        """
+        client = AccessList([TOKEN_A]).authorize(TOKEN_A.encode())
+        self.assertNotIn(TOKEN_A, repr(client))
