@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 from OpenSSL.SSL import Error as TLSError
+from service_identity import VerificationError
 from twisted.internet import error
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.protocol import Protocol
@@ -148,7 +149,7 @@ def _describeFailure(failure) -> tuple[int, str]:
         return 504, "timed out connecting to the upstream"
     if any(cause.check(error.DNSLookupError) for cause in causes):
         return 502, "the upstream host name does not resolve"
-    if any(cause.check(TLSError) for cause in causes):
+    if any(cause.check(TLSError, VerificationError) for cause in causes):
         return 502, "the upstream's TLS certificate could not be verified"
     if any(cause.check(error.ConnectError) for cause in causes):
         return 502, "could not connect to the upstream"

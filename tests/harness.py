@@ -91,6 +91,7 @@ class Proxy:
         connectTimeout: float = 5.0,
         eventClock=None,
         eventInterval: float = 0.0,
+        upstreamCertificate=None,
     ):
         self._testCase = testCase
         self.fake = FakeOpenRouter(
@@ -99,13 +100,19 @@ class Proxy:
             eventInterval=eventInterval,
         )
         self.fakeSite = fakeSite(self.fake)
-        self.fakePort = self._listen(self.fakeSite)
+        if upstreamCertificate is None:
+            self.fakePort = self._listen(self.fakeSite)
+            scheme, host = b"http", b"127.0.0.1"
+        else:
+            self.fakePort = self._listen(self.fakeSite, upstreamCertificate.options())
+            scheme, host = b"https", b"localhost"
         if upstreamBase is None:
-            upstreamBase = b"http://127.0.0.1:%d" % (self.fakePort.getHost().port,)
+            upstreamBase = b"%s://%s:%d" % (scheme, host, self.fakePort.getHost().port)
         self.upstream = connectToUpstream(
             upstreamBase, reactor=reactor, trustRoot=trustRoot, connectTimeout=connectTimeout
         )
         testCase.addCleanup(self.upstream.stopService)
+        self.upstreamBase = upstreamBase
         self.pool = KeyPool(keys)
         self.relay = Relay(self.upstream, idleTimeout=idleTimeout, reactor=reactor)
         root = buildRoot(self.pool, AccessList(accessTokens), self.relay)
@@ -115,8 +122,11 @@ class Proxy:
         testCase.addCleanup(clientPool.closeCachedConnections)
         self.client = HTTPClient(Agent(reactor, pool=clientPool))
 
-    def _listen(self, site):
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    def _listen(self, site, tlsOptions=None):
+        if tlsOptions is None:
+            port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        else:
+            port = reactor.listenSSL(0, site, tlsOptions, interface="127.0.0.1")
         self._testCase.addCleanup(port.stopListening)
         # Cleanups run last-added first: connections close before ports.
         self._testCase.addCleanup(waitUntil, lambda: not site.channels)
@@ -178,3 +188,70 @@ async def rawExchange(port: int, data: bytes) -> bytes:
 
 def statusOf(rawResponse: bytes) -> int:
     return int(rawResponse.split(b" ", 2)[1])
+
+
+def issueCertificates(hostname: str = "localhost"):
+    """
+    A throwaway certificate authority and a server certificate it signed for
+    C{hostname} (and 127.0.0.1): C{(caCertificate, serverCertificate)} as a
+    Twisted L{Certificate} and L{PrivateCertificate}.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from twisted.internet.ssl import Certificate, PrivateCertificate
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def build(subject, issuer, publicKey, signingKey, extensions):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(publicKey)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signingKey, hashes.SHA256())
+
+    caKey = ec.generate_private_key(ec.SECP256R1())
+    ca = build(
+        "hermux test CA",
+        "hermux test CA",
+        caKey.public_key(),
+        caKey,
+        [(x509.BasicConstraints(ca=True, path_length=None), True)],
+    )
+    serverKey = ec.generate_private_key(ec.SECP256R1())
+    server = build(
+        hostname,
+        "hermux test CA",
+        serverKey.public_key(),
+        caKey,
+        [
+            (
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName(hostname),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
+                False,
+            )
+        ],
+    )
+    pem = serialization.Encoding.PEM
+    keyPem = serverKey.private_bytes(
+        pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    return (
+        Certificate.loadPEM(ca.public_bytes(pem)),
+        PrivateCertificate.loadPEM(keyPem + server.public_bytes(pem)),
+    )

@@ -24,6 +24,7 @@ from tests.harness import (
     Proxy,
     chatBody,
     closedFreePort,
+    issueCertificates,
     sleep,
     statusOf,
     waitUntil,
@@ -526,3 +527,43 @@ class LogTests(TestCase):
         everything = "\n".join(formatEvent(event) + repr(event) for event in events)
         for secret in SECRETS:
             self.assertNotIn(secret, everything)
+
+
+class UpstreamTLSTests(TestCase):
+    """
+    The upstream's certificate is always verified: against --upstream-ca
+    when given, against the system's trust store otherwise.
+    """
+
+    async def test_trustedWithUpstreamCA(self):
+        ca, server = issueCertificates("localhost")
+        proxy = Proxy(self, upstreamCertificate=server, trustRoot=ca)
+        response = await proxy.chat()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            json.loads(await response.content())["choices"][0]["message"]["content"],
+            FAKE_ANSWER,
+        )
+        self.assertTrue(proxy.upstreamBase.startswith(b"https://localhost:"))
+
+    async def test_rejectedWithoutUpstreamCA(self):
+        ca, server = issueCertificates("localhost")
+        proxy = Proxy(self, upstreamCertificate=server)
+        response = await proxy.chat()
+        self.assertEqual(response.code, 502)
+        message = json.loads(await response.content())["error"]["message"]
+        self.assertIn("TLS certificate", message)
+        self.assertEqual(proxy.fake.received, [])
+
+    async def test_rejectedForAnotherHost(self):
+        """
+        A certificate from the trusted CA but for another host name is
+        refused too.
+        """
+        ca, server = issueCertificates("other.example")
+        proxy = Proxy(self, upstreamCertificate=server, trustRoot=ca)
+        response = await proxy.chat()
+        self.assertEqual(response.code, 502)
+        message = json.loads(await response.content())["error"]["message"]
+        self.assertIn("TLS certificate", message)
+        self.assertEqual(proxy.fake.received, [])

@@ -1,0 +1,355 @@
+"""
+The twistd plugin: its options, the service it builds, and twistd itself
+running it in a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+
+from twisted.application.service import Application, IService, IServiceCollection
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.ssl import Certificate
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.plugin import IPlugin, getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from treq.client import HTTPClient
+from zope.interface import implementer
+
+import hermux
+from hermux.keypool import KeyPool
+from hermux.tap import DEFAULT_LISTEN, Options, makeService
+from hermux.testing import FakeOpenRouter, fakeSite
+from tests.harness import ACCESS_TOKEN, KEYS, issueCertificates, waitUntil
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(hermux.__file__)))
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def writeConfiguration(testCase, keys=KEYS, accessTokens=(ACCESS_TOKEN,)):
+    """
+    Write a tokens.csv and an allow.txt; return their paths.
+    """
+    tokens = os.path.abspath(testCase.mktemp())
+    with open(tokens, "w") as f:
+        f.write("name,token\n")
+        f.writelines(f'{key.name},"{key.token}"\n' for key in keys)
+    allow = os.path.abspath(testCase.mktemp())
+    with open(allow, "w") as f:
+        f.write("# clients\n" + "\n".join(accessTokens) + "\n")
+    return tokens, allow
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *args) -> Options:
+        options = Options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_defaults(self):
+        options = self.parse()
+        self.assertEqual(options["listen"], [DEFAULT_LISTEN])
+        self.assertEqual(DEFAULT_LISTEN, "tcp:3333:interface=127.0.0.1")
+        self.assertEqual(options["tokens"], "tokens.csv")
+        self.assertEqual(options["allow"], "allow.txt")
+        self.assertEqual(options["upstream"], b"https://openrouter.ai")
+        self.assertIsNone(options["upstream-ca"])
+        self.assertEqual(options["max-body"], 32 * 1024 * 1024)
+        self.assertEqual(options["connect-timeout"], 10.0)
+        self.assertEqual(options["idle-timeout"], 300.0)
+        self.assertFalse(options["demo"])
+
+    def test_listenRepeats(self):
+        options = self.parse("--listen", "tcp:8080", "--listen", "unix:/tmp/h.sock")
+        self.assertEqual(options["listen"], ["tcp:8080", "unix:/tmp/h.sock"])
+
+    def test_upstreamCanonical(self):
+        self.assertEqual(self.parse("--upstream", "http://127.0.0.1:8080")["upstream"], b"http://127.0.0.1:8080")
+        self.assertEqual(self.parse("--upstream", "https://openrouter.ai:443/")["upstream"], b"https://openrouter.ai")
+        self.assertEqual(self.parse("--upstream", "http://[::1]:81")["upstream"], b"http://[::1]:81")
+
+    def test_upstreamMustBeSchemeAndHost(self):
+        for bad in (
+            "ftp://openrouter.ai",
+            "openrouter.ai",
+            "https://openrouter.ai/api/v1",
+            "https://openrouter.ai?x=1",
+            "https://openrouter.ai#frag",
+            "https://user:pw@openrouter.ai",
+            "https://openrouter.ai:99999",
+            "https://",
+        ):
+            self.assertRaises(usage.UsageError, self.parse, "--upstream", bad)
+
+    def test_numbersMustBePositive(self):
+        for option in ("--max-body", "--connect-timeout", "--idle-timeout"):
+            self.assertRaises(usage.UsageError, self.parse, option, "0")
+            self.assertRaises(usage.UsageError, self.parse, option, "-1")
+            self.assertRaises(usage.UsageError, self.parse, option, "many")
+        self.assertEqual(self.parse("--max-body", "1000")["max-body"], 1000)
+        self.assertEqual(self.parse("--idle-timeout", "2.5")["idle-timeout"], 2.5)
+
+    def test_upstreamCA(self):
+        ca, _ = issueCertificates()
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(ca.dumpPEM())
+        loaded = self.parse("--upstream-ca", path)["upstream-ca"]
+        self.assertIsInstance(loaded, Certificate)
+        self.assertEqual(loaded.digest(), ca.digest())
+
+    def test_upstreamCAUnusable(self):
+        self.assertRaises(usage.UsageError, self.parse, "--upstream-ca", self.mktemp())
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("not a certificate")
+        self.assertRaises(usage.UsageError, self.parse, "--upstream-ca", path)
+
+
+class ServiceTests(SynchronousTestCase):
+    def test_pluginIsFound(self):
+        """
+        twistd finds the hermux plugin, whose options are L{Options}.
+        """
+        from twisted.application.service import IServiceMaker
+
+        [maker] = [p for p in getPlugins(IServiceMaker) if p.tapname == "hermux"]
+        self.assertTrue(IPlugin.providedBy(maker))
+        self.assertIsInstance(maker.options(), Options)
+
+    def test_builtLikeTwistdDoes(self):
+        """
+        The service built from parsed options, set in an application as
+        twistd does, holds the key pool under the name 'keypool'.
+        """
+        from twisted.plugins.hermux_plugin import hermux as maker
+
+        tokens, allow = writeConfiguration(self)
+        options = maker.options()
+        options.parseOptions(["--tokens", tokens, "--allow", allow, "--listen", "tcp:0"])
+        application = Application("hermux")
+        maker.makeService(options).setServiceParent(application)
+        [top] = list(IServiceCollection(application))
+        pool = top.getServiceNamed("keypool")
+        self.assertIsInstance(pool, KeyPool)
+        self.assertEqual([key.name for key in pool.keys], [key.name for key in KEYS])
+        self.assertTrue(IService.providedBy(top.getServiceNamed("upstream")))
+
+    def test_badConfigurationStopsWithOneLine(self):
+        tokens, allow = writeConfiguration(self)
+        with open(tokens, "w") as f:
+            f.write("name,token\nalpha,sk-one\nalpha,sk-two\n")
+        options = Options()
+        options.parseOptions(["--tokens", tokens, "--allow", allow])
+        stop = self.assertRaises(SystemExit, makeService, options)
+        self.assertEqual(
+            str(stop.code), f"hermux: {tokens}, line 3: duplicate name 'alpha' (first on line 2)"
+        )
+
+    def test_accessTokenThatIsAKeyIsRefused(self):
+        tokens, allow = writeConfiguration(self, accessTokens=(KEYS[0].token,))
+        options = Options()
+        options.parseOptions(["--tokens", tokens, "--allow", allow])
+        stop = self.assertRaises(SystemExit, makeService, options)
+        self.assertNotIn(KEYS[0].token, str(stop.code))
+
+    def test_badListenStopsWithOneLine(self):
+        tokens, allow = writeConfiguration(self)
+        options = Options()
+        options.parseOptions(["--tokens", tokens, "--allow", allow, "--listen", "nonsense:1"])
+        stop = self.assertRaises(SystemExit, makeService, options)
+        self.assertIn("--listen 'nonsense:1'", str(stop.code))
+
+
+@implementer(IAgentEndpointFactory)
+class _UNIXEndpoints:
+    def __init__(self, path):
+        self._path = path
+
+    def endpointForURI(self, uri):
+        return UNIXClientEndpoint(reactor, self._path)
+
+
+class RunningServiceTests(TestCase):
+    async def test_servesOnUNIXSocket(self):
+        """
+        The service from L{makeService} serves on every --listen, here a UNIX
+        socket, in front of the --upstream.
+        """
+        fake = FakeOpenRouter([key.token for key in KEYS])
+        fakePort = reactor.listenTCP(0, fakeSite(fake), interface="127.0.0.1")
+        self.addCleanup(fakePort.stopListening)
+        directory = tempfile.mkdtemp(prefix="hermux-test-")
+        self.addCleanup(os.rmdir, directory)
+        socketPath = os.path.join(directory, "hermux.sock")
+        tokens, allow = writeConfiguration(self)
+        options = Options()
+        options.parseOptions([
+            "--tokens", tokens, "--allow", allow,
+            "--upstream", f"http://127.0.0.1:{fakePort.getHost().port}",
+            "--listen", f"unix:{socketPath}",
+        ])
+        service = makeService(options)
+        service.startService()
+        self.addCleanup(service.stopService)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        client = HTTPClient(Agent.usingEndpointFactory(reactor, _UNIXEndpoints(socketPath), pool))
+        response = await client.get(
+            "http://hermux/api/v1/models", headers={"Authorization": f"Bearer {ACCESS_TOKEN}"}
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(await response.content())["data"][0]["id"], "hermux/fake-model")
+        self.assertIn(response.headers.getRawHeaders("X-Token-Name")[0], {k.name for k in KEYS})
+
+
+class _Child(ProcessProtocol):
+    """
+    A child process whose output is collected as it comes.
+    """
+
+    def __init__(self):
+        self.output = b""
+        self.ended = Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        if reason.check(ProcessDone):
+            self.ended.callback(reason.value)
+        else:
+            self.ended.errback(reason)
+
+
+class TwistdTests(TestCase):
+    """
+    twistd itself, in a child process, as a user runs it.
+    """
+
+    timeout = 60
+
+    def spawn(self, *args) -> _Child:
+        child = _Child()
+        process = reactor.spawnProcess(
+            child, TWISTD[0], TWISTD + list(args), env=self.environment(), path=CHECKOUT
+        )
+
+        def stop():
+            if process.pid is not None:
+                process.signalProcess("KILL")
+            return child.ended.addErrback(lambda _: None)
+
+        self.addCleanup(stop)
+        return child
+
+    def environment(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = CHECKOUT + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    async def waitForPort(self, readOutput) -> int:
+        marker = b"HermuxSite starting on "
+        await waitUntil(lambda: marker in readOutput(), timeout=30)
+        return int(readOutput().split(marker, 1)[1].split()[0])
+
+    async def get(self, port, path="/api/v1/models"):
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        client = HTTPClient(Agent(reactor, pool=pool))
+        response = await client.get(
+            f"http://127.0.0.1:{port}{path}",
+            headers={"Authorization": "Bearer demo-access-token-change-me"},
+        )
+        return response, await response.content()
+
+    async def test_badConfigurationIsOneLine(self):
+        """
+        A broken tokens.csv stops twistd with one line on stderr naming the
+        file and line, no traceback, and a non-zero status.
+        """
+        tokens, allow = writeConfiguration(self)
+        with open(tokens, "w") as f:
+            f.write("name,token\nalpha,\n")
+        out, err, code = await getProcessOutputAndValue(
+            TWISTD[0], TWISTD[1:] + ["-n", "hermux", "--tokens", tokens, "--allow", allow],
+            env=self.environment(), path=CHECKOUT,
+        )
+        self.assertNotEqual(code, 0)
+        self.assertEqual(err.decode().strip(), f"hermux: {tokens}, line 2: empty token for 'alpha'")
+        self.assertEqual(out, b"")
+
+    async def test_demoInForeground(self):
+        """
+        'twistd -n hermux --demo' on the example files answers with fake
+        completions, rotates keys, and stops cleanly on SIGTERM.
+        """
+        child = self.spawn(
+            "-n", "hermux", "--demo",
+            "--tokens", "tokens.csv.example", "--allow", "allow.txt.example",
+            "--listen", "tcp:0:interface=127.0.0.1",
+        )
+        port = await self.waitForPort(lambda: child.output)
+        self.assertIn(b"DEMO MODE", child.output)
+        names = set()
+        for _ in range(3):
+            response, body = await self.get(port)
+            self.assertEqual(response.code, 200)
+            names.update(response.headers.getRawHeaders("X-Token-Name"))
+        self.assertEqual(names, {"alice", "bob", "carol"})
+        os.kill(child.transport.pid, signal.SIGTERM)
+        ended = await self.assertFailure(child.ended, ProcessTerminated)
+        # twistd shuts down cleanly, then re-raises SIGTERM on itself so
+        # that its exit status says what stopped it.
+        self.assertEqual(ended.signal, signal.SIGTERM)
+        self.assertIn(b"Main loop terminated.", child.output)
+        self.assertIn(b"Server Shut Down.", child.output)
+
+    async def test_daemon(self):
+        """
+        'twistd --logfile --pidfile hermux' runs in the background, logs to
+        the file and removes its pid file when stopped.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        logfile = os.path.join(directory, "hermux.log")
+        pidfile = os.path.join(directory, "hermux.pid")
+        out, err, code = await getProcessOutputAndValue(
+            TWISTD[0],
+            TWISTD[1:] + [
+                "--logfile", logfile, "--pidfile", pidfile,
+                "hermux", "--demo", "--tokens", "tokens.csv.example",
+                "--allow", "allow.txt.example", "--listen", "tcp:0:interface=127.0.0.1",
+            ],
+            env=self.environment(), path=CHECKOUT,
+        )
+        self.assertEqual(code, 0, err)
+        await waitUntil(lambda: os.path.exists(pidfile), timeout=30)
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(lambda: os.path.exists(pidfile) and os.kill(pid, signal.SIGKILL))
+
+        def log():
+            with open(logfile, "rb") as f:
+                return f.read()
+
+        port = await self.waitForPort(log)
+        response, body = await self.get(port)
+        self.assertEqual(response.code, 200)
+        await waitUntil(lambda: b"GET /api/v1/models -> 200" in log())
+        os.kill(pid, signal.SIGTERM)
+        await waitUntil(lambda: not os.path.exists(pidfile), timeout=30)
+        self.assertNotIn(b"demo-access-token-change-me", log())
