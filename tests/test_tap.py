@@ -303,7 +303,9 @@ class TwistdTests(TestCase):
             "--listen", "tcp:0:interface=127.0.0.1",
         )
         port = await self.waitForPort(lambda: child.output)
-        self.assertIn(b"DEMO MODE", child.output)
+        # twistd opens hermux's port (privilegedStartService) before it
+        # starts the demo upstream, so the banner may come a moment later.
+        await waitUntil(lambda: b"DEMO MODE" in child.output)
         names = set()
         for _ in range(3):
             response, body = await self.get(port)

@@ -1,0 +1,293 @@
+"""
+hermux's resource tree in memory: a L{StubTreq} over L{buildRoot}, with a
+stub relay that answers requests itself, so no upstream is involved.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import treq
+from treq.testing import StubTreq
+from twisted.internet.defer import succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from hermux.access import AccessList
+from hermux.config import Key
+from hermux.keypool import KeyPool
+from hermux.resource import buildRoot
+
+KEYS = (
+    Key("alpha", "sk-or-v1-resource-test-alpha-0a1b"),
+    Key("beta", "sk-or-v1-resource-test-beta-2c3d"),
+)
+ACCESS_TOKEN = "resource-test-access-token-Qw8e"
+RELAYED = b"relayed by the stub"
+
+UNKNOWN_PATHS = ("/", "/foo", "/hermux", "/hermux/", "/hermux/nope", "/hermux/health/extra")
+BAD_TARGETS = (
+    "/api/v1/%2e%2e/x",
+    "/api/v1/%2E%2E/keys",
+    "/api/v1/../x",
+    "/v1/./models",
+    "/api/v1//x",
+    "/api/v1/a%2fb",
+    "/v1/a%5cb",
+    "/api/v1/%00x",
+)
+
+
+class _StubRelay:
+    """
+    A relay that records what it is asked to forward and answers the
+    request itself.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def forward(self, request, target, key):
+        self.calls.append((target, key))
+        request.write(RELAYED)
+        request.finish()
+        return succeed(None)
+
+
+class ResourceTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.relay = _StubRelay()
+        self.pool = KeyPool(KEYS)
+        root = buildRoot(self.pool, AccessList([ACCESS_TOKEN]), self.relay)
+        self.stub = StubTreq(root)
+
+    def respond(self, method, path, *, authorization=f"Bearer {ACCESS_TOKEN}", data=None):
+        """
+        Send a request to hermux and return its response, with its body
+        read as C{body}.
+        """
+        headers = {}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        response = self.successResultOf(
+            self.stub.request(method, "http://hermux.test" + path, headers=headers, data=data)
+        )
+        response.body = self.successResultOf(treq.content(response))
+        return response
+
+    def assertError(self, response, code):
+        """
+        C{response} is one of hermux's own JSON errors with status C{code}.
+        """
+        self.assertEqual(response.code, code)
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["application/json"])
+        self.assertEqual(response.headers.getRawHeaders("X-Hermux-Error"), [str(code)])
+        body = json.loads(response.body)
+        self.assertEqual(list(body), ["error"])
+        self.assertEqual(body["error"]["code"], code)
+        self.assertIsInstance(body["error"]["message"], str)
+        self.assertTrue(body["error"]["message"])
+        self.assertNotIn(RELAYED, response.body)
+
+
+class AuthorizationTests(ResourceTestCase):
+    """
+    Only clients with an access token are forwarded.
+    """
+
+    def test_missingTokenIsRefused(self):
+        """
+        A request without an access token gets a 401 asking for a Bearer
+        token, and is not relayed.
+        """
+        for path in ("/api/v1/chat/completions", "/v1/models"):
+            response = self.respond("POST", path, authorization=None, data=b"{}")
+            self.assertError(response, 401)
+            self.assertEqual(response.headers.getRawHeaders("WWW-Authenticate"), ["Bearer"])
+        self.assertEqual(self.relay.calls, [])
+
+    def test_unknownTokenIsRefused(self):
+        """
+        A token that is not in the access list gets a 401, and is not
+        relayed.
+        """
+        for authorization in (
+            "Bearer not-the-token",
+            f"Bearer {ACCESS_TOKEN}x",
+            f"Bearer {ACCESS_TOKEN[:-1]}",
+            "Bearer",
+            "",
+            f"Basic {ACCESS_TOKEN}",
+        ):
+            response = self.respond("GET", "/api/v1/models", authorization=authorization)
+            self.assertError(response, 401)
+            self.assertEqual(response.headers.getRawHeaders("WWW-Authenticate"), ["Bearer"])
+        self.assertEqual(self.relay.calls, [])
+
+    def test_bearerTokenIsRelayed(self):
+        """
+        C{Authorization: Bearer <token>} reaches the relay.
+        """
+        response = self.respond("GET", "/api/v1/models")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.body, RELAYED)
+        self.assertEqual(len(self.relay.calls), 1)
+
+    def test_bareTokenIsRelayed(self):
+        """
+        The bare token as the C{Authorization} header reaches the relay.
+        """
+        response = self.respond("GET", "/api/v1/models", authorization=ACCESS_TOKEN)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.body, RELAYED)
+        self.assertEqual(len(self.relay.calls), 1)
+
+    def test_bearerSchemeIsCaseInsensitive(self):
+        """
+        The Bearer scheme is recognised in any case.
+        """
+        response = self.respond("GET", "/api/v1/models", authorization=f"bearer {ACCESS_TOKEN}")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(self.relay.calls), 1)
+
+
+class RoutingTests(ResourceTestCase):
+    """
+    What the relay is asked to forward, and what is refused before.
+    """
+
+    def assertTarget(self, path, target):
+        before = len(self.relay.calls)
+        response = self.respond("GET", path)
+        self.assertEqual(response.code, 200, path)
+        self.assertEqual(len(self.relay.calls), before + 1)
+        self.assertEqual(self.relay.calls[-1][0], target)
+
+    def test_apiTargetsAreKept(self):
+        """
+        /api/v1/... is forwarded as is, query string included.
+        """
+        self.assertTarget("/api/v1/chat/completions", b"/api/v1/chat/completions")
+        self.assertTarget("/api/v1/models", b"/api/v1/models")
+        self.assertTarget(
+            "/api/v1/models?supported_parameters=tools&x=%20y",
+            b"/api/v1/models?supported_parameters=tools&x=%20y",
+        )
+
+    def test_v1AliasTargets(self):
+        """
+        /v1/... is forwarded as /api/v1/..., query string included.
+        """
+        self.assertTarget("/v1/models", b"/api/v1/models")
+        self.assertTarget("/v1/chat/completions", b"/api/v1/chat/completions")
+        self.assertTarget("/v1/models?category=programming", b"/api/v1/models?category=programming")
+
+    def test_keysAreSpread(self):
+        """
+        Consecutive requests are given both keys in turn.
+        """
+        for _ in range(4):
+            self.assertEqual(self.respond("GET", "/api/v1/models").code, 200)
+        keys = [key for target, key in self.relay.calls]
+        self.assertEqual(Counter(key.name for key in keys), {"alpha": 2, "beta": 2})
+        self.assertEqual({key.name for key in keys[:2]}, {"alpha", "beta"})
+        self.assertEqual(set(keys), set(KEYS))
+
+    def test_badTargetsAreRefused(self):
+        """
+        A target with dot segments, empty segments or encoded slashes,
+        backslashes or control characters gets a 400, and is not relayed.
+        """
+        for path in BAD_TARGETS:
+            self.assertError(self.respond("GET", path), 400)
+        self.assertEqual(self.relay.calls, [])
+
+    def test_unknownPathsAreNotFound(self):
+        """
+        Paths outside /api, /v1 and /hermux/health get a 404, with a token
+        or without.
+        """
+        for path in UNKNOWN_PATHS:
+            self.assertError(self.respond("GET", path), 404)
+            self.assertError(self.respond("GET", path, authorization=None), 404)
+        self.assertEqual(self.relay.calls, [])
+
+
+class HealthTests(ResourceTestCase):
+    """
+    /hermux/health.
+    """
+
+    def test_healthNeedsNoToken(self):
+        """
+        GET /hermux/health answers 200 with the number of keys, without a
+        token, never to be cached.
+        """
+        response = self.respond("GET", "/hermux/health", authorization=None)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(response.body), {"status": "ok", "keys": 2})
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["application/json"])
+        self.assertEqual(response.headers.getRawHeaders("Cache-Control"), ["no-store"])
+        self.assertEqual(self.relay.calls, [])
+
+    def test_healthHead(self):
+        """
+        HEAD /hermux/health answers 200 without a body.
+        """
+        response = self.respond("HEAD", "/hermux/health", authorization=None)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.body, b"")
+
+    def test_healthOtherMethods(self):
+        """
+        Other methods on /hermux/health get a 405 that says what is allowed.
+        """
+        for method in ("POST", "PUT", "DELETE"):
+            response = self.respond(method, "/hermux/health", authorization=None, data=b"{}")
+            self.assertError(response, 405)
+            self.assertEqual(response.headers.getRawHeaders("Allow"), ["GET, HEAD"])
+
+
+class ErrorTests(ResourceTestCase):
+    """
+    What every error hermux answers itself has in common.
+    """
+
+    def errorResponses(self):
+        """
+        One response of each error hermux answers itself, each sent with
+        the access token or a near miss of it.
+        """
+        yield 401, self.respond("GET", "/v1/models", authorization=f"Bearer {ACCESS_TOKEN}!")
+        yield 401, self.respond("GET", "/v1/models", authorization=ACCESS_TOKEN[:-1])
+        for path in BAD_TARGETS:
+            yield 400, self.respond("GET", path)
+            yield 400, self.respond("GET", path, authorization=ACCESS_TOKEN)
+        yield 400, self.respond("GET", f"/api/v1/%2e%2e/{ACCESS_TOKEN}")
+        for path in UNKNOWN_PATHS:
+            yield 404, self.respond("GET", path)
+        yield 404, self.respond("GET", f"/hermux/{ACCESS_TOKEN}")
+        yield 405, self.respond("POST", "/hermux/health", data=b"{}")
+
+    def test_errorsAreJSON(self):
+        """
+        Every error hermux answers itself is a JSON error body, with
+        Content-Type application/json and X-Hermux-Error set to its status,
+        and a Content-Length that matches the body.
+        """
+        for code, response in self.errorResponses():
+            self.assertError(response, code)
+            # The agent moves Content-Length from the headers to length.
+            self.assertEqual(response.length, len(response.body))
+
+    def test_errorsNeverShowTheToken(self):
+        """
+        No error body or header contains the access token, or the near miss
+        a client sent.
+        """
+        secret = ACCESS_TOKEN[:-1].encode()
+        for code, response in self.errorResponses():
+            self.assertNotIn(secret, response.body)
+            headers = repr(list(response.headers.getAllRawHeaders())).encode()
+            self.assertNotIn(secret, headers)
+        self.assertEqual(self.relay.calls, [])
