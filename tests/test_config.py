@@ -56,6 +56,12 @@ class ConfigErrorAssertions:
                 self.assertNotIn(shown, repr(error))
         return error
 
+    def writeFile(self, data: bytes) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
 
 class ParseKeysTests(ConfigErrorAssertions, SynchronousTestCase):
     """
@@ -477,12 +483,6 @@ class LoadKeysTests(ConfigErrorAssertions, SynchronousTestCase):
     Tests for L{loadKeys}, which reads tokens.csv from disk.
     """
 
-    def writeFile(self, data: bytes) -> str:
-        path = self.mktemp()
-        with open(path, "wb") as f:
-            f.write(data)
-        return path
-
     def test_loads(self):
         """
         The keys of a file on disk are loaded.
@@ -698,12 +698,6 @@ class LoadAccessTokensTests(ConfigErrorAssertions, SynchronousTestCase):
     """
     Tests for L{loadAccessTokens}, which reads allow.txt from disk.
     """
-
-    def writeFile(self, data: bytes) -> str:
-        path = self.mktemp()
-        with open(path, "wb") as f:
-            f.write(data)
-        return path
 
     def test_loads(self):
         """
