@@ -1,58 +1,367 @@
 """
-The key pool: which upstream key serves the next request.
+The key pool: which upstream key serves the next request, and what is known
+of each key's allowance today.
+
+A key is ready, cooling (rate limited for a moment), exhausted (its daily
+allowance is spent) or disabled (the upstream refused it).  The pool hands
+out the ready key with the fewest requests today (UTC); a new UTC day starts
+every key again at zero.  It knows nothing of HTTP: what an upstream answer
+means for a key arrives as a L{Verdict}.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from datetime import datetime, timezone
+from enum import Enum
 
+import attr
 from twisted.application.service import Service
+from twisted.logger import Logger
 
 from hermux.config import Key
+from hermux.ledger import ILedger, MemoryLedger
+
+SECONDS_PER_DAY = 86400
+
+
+def dayOf(when: float) -> int:
+    """
+    The UTC day (days since 1970-01-01) that the POSIX time C{when} falls on.
+    """
+    return int(when // SECONDS_PER_DAY)
+
+
+def _isoTime(when: float | None) -> str:
+    if when is None:
+        return "the configuration is reloaded"
+    return isoTime(when)
+
+
+def isoTime(when: float) -> str:
+    """
+    C{when} (POSIX time) as ISO 8601 in UTC, to the second.
+    """
+    return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def nextMidnight(when: float) -> float:
+    """
+    The POSIX time of the UTC midnight after C{when}.
+    """
+    return (dayOf(when) + 1) * SECONDS_PER_DAY
+
+
+class State(Enum):
+    READY = "ready"
+    COOLING = "cooling"
+    EXHAUSTED = "exhausted"
+    DISABLED = "disabled"
+
+
+class Kind(Enum):
+    """
+    What an upstream answer says about the key that got it.
+    """
+
+    OK = "ok"
+    ERROR = "error"  # the request failed, but not because of the key
+    BUSY = "busy"  # rate limited for reasons that are not the key's
+    COOLING = "cooling"
+    EXHAUSTED = "exhausted"
+    DISABLED = "disabled"
+
+
+@attr.frozen
+class Verdict:
+    """
+    What an upstream answer means for a key.
+
+    @ivar until: when a cooling, exhausted or disabled key is usable again
+        (L{None} for a disabled key: until the configuration is reloaded).
+    @ivar reason: for the log and C{/hermux/keys}: why.
+    """
+
+    kind: Kind
+    until: float | None = None
+    reason: str | None = None
+
+    @property
+    def penalizes(self) -> bool:
+        """
+        Whether the key cannot serve this request, so another key should.
+        """
+        return self.kind in (Kind.COOLING, Kind.EXHAUSTED, Kind.DISABLED)
+
+
+OK = Verdict(Kind.OK)
+ERROR = Verdict(Kind.ERROR)
+
+
+@attr.frozen
+class KeyStatus:
+    """
+    A key as C{/hermux/keys} and the metrics show it: never its token.
+    """
+
+    name: str
+    state: State
+    requestsToday: int
+    dailyLimit: int | None
+    rateLimitedToday: int
+    errorsToday: int
+    usableAt: float | None
+    reason: str | None
 
 
 class NoKeyAvailable(Exception):
     """
-    No key in the pool can serve a request now.
+    No key can serve a request now.
+
+    @ivar usableAt: when the first key becomes usable again, or L{None} if
+        none will before the configuration changes.
     """
+
+    def __init__(self, usableAt: float | None):
+        super().__init__(usableAt)
+        self.usableAt = usableAt
+
+
+@attr.s(auto_attribs=True)
+class _Account:
+    """
+    One key and what the pool knows of it today.
+    """
+
+    key: Key
+    dailyLimit: int | None
+    requests: int = 0
+    rateLimited: int = 0
+    errors: int = 0
+    coolingUntil: float = 0.0
+    coolingReason: str | None = None
+    exhaustedUntil: float = 0.0
+    exhaustedReason: str | None = None
+    disabled: bool = False
+    disabledUntil: float | None = None
+    disabledReason: str | None = None
+
+    def _limitReached(self) -> bool:
+        return self.dailyLimit is not None and self.requests >= self.dailyLimit
+
+    def state(self, now: float) -> State:
+        if self.disabled and (self.disabledUntil is None or now < self.disabledUntil):
+            return State.DISABLED
+        if now < self.exhaustedUntil or self._limitReached():
+            return State.EXHAUSTED
+        if now < self.coolingUntil:
+            return State.COOLING
+        return State.READY
+
+    def usableAt(self, now: float) -> float | None:
+        """
+        When this key can serve again: C{now} if it can, L{None} if not
+        before the configuration is reloaded.
+        """
+        state = self.state(now)
+        if state is State.DISABLED:
+            return self.disabledUntil
+        if state is State.EXHAUSTED:
+            if self._limitReached():
+                return max(self.exhaustedUntil, nextMidnight(now))
+            return self.exhaustedUntil
+        if state is State.COOLING:
+            return self.coolingUntil
+        return now
+
+    def reason(self, state: State) -> str | None:
+        if state is State.DISABLED:
+            return self.disabledReason
+        if state is State.EXHAUSTED:
+            if self._limitReached():
+                return f"its daily_limit of {self.dailyLimit} requests is reached"
+            return self.exhaustedReason
+        if state is State.COOLING:
+            return self.coolingReason
+        return None
+
+    def status(self, now: float) -> KeyStatus:
+        state = self.state(now)
+        return KeyStatus(
+            name=self.key.name,
+            state=state,
+            requestsToday=self.requests,
+            dailyLimit=self.dailyLimit,
+            rateLimitedToday=self.rateLimited,
+            errorsToday=self.errors,
+            usableAt=None if state is State.READY else self.usableAt(now),
+            reason=self.reason(state),
+        )
 
 
 class KeyPool(Service):
     """
-    Hands out the least-used key, counting each key when it is chosen so
-    that requests made at the same moment spread evenly.  Ties are broken at
-    random, so that no key is always first.
+    Hands out the least-used ready key, counting each key when it is chosen
+    so that requests made at the same moment spread evenly.  Ties are broken
+    at random, so that no key is always first.
 
-    The pool knows nothing of HTTP; it is registered in the application as
-    the service named C{keypool}.
+    Today's counts come from the C{ledger} at start, so that least-used
+    carries on across restarts, and every count goes to it.
     """
 
-    def __init__(self, keys: Iterable[Key], *, randomness: random.Random | None = None):
-        self._keys = tuple(keys)
-        self._requests = {key.name: 0 for key in self._keys}
+    _log = Logger()
+
+    def __init__(
+        self,
+        keys: Iterable[Key],
+        *,
+        ledger: ILedger | None = None,
+        reactor=None,
+        randomness: random.Random | None = None,
+    ):
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._ledger = ledger if ledger is not None else MemoryLedger()
         self._random = randomness or random.Random()
+        self._accounts = {key.name: _Account(key, key.dailyLimit) for key in keys}
+        self._day = dayOf(reactor.seconds())
+        self._loadDay()
 
     @property
     def keys(self) -> tuple[Key, ...]:
-        return self._keys
+        return tuple(account.key for account in self._accounts.values())
+
+    def _loadDay(self):
+        """
+        Take today's counts from the ledger: at start only, since a day
+        that begins later starts at zero.
+        """
+        usage = self._ledger.keyUsage(self._day)
+        for name, account in self._accounts.items():
+            counts = usage.get(name)
+            if counts is not None:
+                account.requests = counts.requests
+                account.rateLimited = counts.rateLimited
+                account.errors = counts.errors
+
+    def _now(self) -> float:
+        """
+        The time, after starting a new day if one began since last asked.
+        """
+        now = self._reactor.seconds()
+        day = dayOf(now)
+        if day != self._day:
+            self._day = day
+            for account in self._accounts.values():
+                account.requests = account.rateLimited = account.errors = 0
+            self._log.info("a new UTC day began: every key starts again at zero")
+        return now
 
     def requestCounts(self) -> dict[str, int]:
         """
-        How many requests each key (by name) has been chosen for.
+        How many requests each key (by name) has served today.
         """
-        return dict(self._requests)
+        self._now()
+        return {name: account.requests for name, account in self._accounts.items()}
 
-    def acquire(self) -> Key:
+    def acquire(self, exclude: Iterable[str] = ()) -> Key:
         """
-        Choose the key for one request and count it.
+        Choose the key for one request to the upstream, and count it.
 
-        @raise NoKeyAvailable: if the pool has no key.
+        @param exclude: names of keys not to choose (already tried).
+        @raise NoKeyAvailable: if no key not excluded is ready.
         """
-        if not self._keys:
-            raise NoKeyAvailable()
-        fewest = min(self._requests.values())
-        candidates = [key for key in self._keys if self._requests[key.name] == fewest]
-        key = self._random.choice(candidates)
-        self._requests[key.name] += 1
-        return key
+        now = self._now()
+        fewest = None
+        candidates: list[_Account] = []
+        for account in self._accounts.values():
+            if account.key.name in exclude or account.state(now) is not State.READY:
+                continue
+            if fewest is None or account.requests < fewest:
+                fewest = account.requests
+                candidates = [account]
+            elif account.requests == fewest:
+                candidates.append(account)
+        if not candidates:
+            raise NoKeyAvailable(self.usableAt(now))
+        account = self._random.choice(candidates)
+        account.requests += 1
+        self._ledger.record(self._day, account.key.name, requests=1)
+        return account.key
+
+    def usableAt(self, now: float | None = None) -> float | None:
+        """
+        When the first key becomes usable, or L{None} if none will before the
+        configuration changes.
+        """
+        if now is None:
+            now = self._now()
+        times = [account.usableAt(now) for account in self._accounts.values()]
+        known = [t for t in times if t is not None]
+        return min(known) if known else None
+
+    def report(self, key: Key, verdict: Verdict) -> None:
+        """
+        Learn what an upstream answer to a request made with C{key} means.
+        """
+        now = self._now()
+        account = self._accounts.get(key.name)
+        if account is None or account.key != key:
+            return  # a key removed from the configuration meanwhile
+        kind = verdict.kind
+        if kind in (Kind.BUSY, Kind.COOLING, Kind.EXHAUSTED):
+            account.rateLimited += 1
+            self._ledger.record(self._day, key.name, rateLimited=1)
+        elif kind in (Kind.ERROR, Kind.DISABLED):
+            account.errors += 1
+            self._ledger.record(self._day, key.name, errors=1)
+        if kind is Kind.COOLING:
+            account.coolingUntil = max(account.coolingUntil, verdict.until or now)
+            account.coolingReason = verdict.reason
+        elif kind is Kind.EXHAUSTED:
+            account.exhaustedUntil = max(account.exhaustedUntil, verdict.until or now)
+            account.exhaustedReason = verdict.reason
+        elif kind is Kind.DISABLED:
+            account.disabled = True
+            account.disabledUntil = verdict.until
+            account.disabledReason = verdict.reason or "refused by the upstream"
+        else:
+            return
+        state = account.state(now)
+        self._log.warn(
+            "key {key} is {state} until {until}: {reason}",
+            key=key.name,
+            state=state.value,
+            until=_isoTime(account.usableAt(now)),
+            reason=account.reason(state) or "-",
+        )
+
+    def seed(self, name: str, *, used: int | None = None, limit: int | None = None) -> None:
+        """
+        Take what the upstream says of a key's day: requests already C{used}
+        (if more than hermux counted) and its daily C{limit} (unless the
+        configuration sets one).
+        """
+        self._now()
+        account = self._accounts[name]
+        if used is not None and used > account.requests:
+            self._ledger.record(self._day, name, requests=used - account.requests)
+            account.requests = used
+        if limit is not None and account.key.dailyLimit is None:
+            account.dailyLimit = limit
+
+    def countClient(self, label: str) -> None:
+        """
+        Count one request from the client labelled C{label} in today's usage.
+        """
+        self._now()
+        self._ledger.recordClient(self._day, label)
+
+    def statuses(self) -> list[KeyStatus]:
+        """
+        Every key's state, in configuration order.
+        """
+        now = self._now()
+        return [account.status(now) for account in self._accounts.values()]

@@ -6,10 +6,15 @@ The client's connection paces the upstream's: the upstream transport is
 registered as the producer for the client's request, so a client that reads
 slowly stops hermux reading from the upstream, and a client that goes away
 aborts the upstream request.
+
+An answer that says the key cannot serve (see L{hermux.quota}) is read
+whole, and the request is sent again with another key, while nothing has
+reached the client yet.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from OpenSSL.SSL import Error as TLSError
@@ -31,6 +36,8 @@ from zope.interface import implementer
 from hermux.config import Key
 from hermux.errors import writeError
 from hermux.hygiene import copyResponseHeaders, upstreamHeaders
+from hermux.keypool import ERROR, KeyPool, NoKeyAvailable
+from hermux.quota import KEY_STATUSES, classify
 from hermux.upstream import Upstream
 
 
@@ -160,28 +167,79 @@ def _describeFailure(failure) -> tuple[int, str]:
     return 502, "the upstream request failed"
 
 
+class _BodyCollector(Protocol):
+    """
+    Reads a short upstream response body (an error answer) into memory.
+
+    C{done} fires with the body, fails if the upstream broke or the body is
+    longer than C{limit}, and aborts the upstream read if it is cancelled.
+    """
+
+    def __init__(self, limit: int, kick: Callable[[], None]):
+        self._limit = limit
+        self._kick = kick
+        self._parts: list[bytes] = []
+        self._length = 0
+        self.done: Deferred[bytes] = Deferred(lambda _: self.abort())
+
+    def dataReceived(self, data: bytes):
+        self._kick()
+        self._length += len(data)
+        if self._length > self._limit:
+            self.done.errback(_TooLong())
+            self.abort()
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason):
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._parts))
+        else:
+            self.done.errback(reason)
+
+    def abort(self):
+        self.transport.stopProducing()
+
+
+class _TooLong(Exception):
+    """
+    An upstream error answer longer than hermux reads into memory.
+    """
+
+
 class Relay:
     """
-    Forwards requests to an L{Upstream} and streams the answers back.
+    Forwards requests to an L{Upstream} with keys from a L{KeyPool}, and
+    streams the answers back.
+
+    When the upstream answers that the key cannot serve (rate limited, out
+    of credits, refused) before any byte went to the client, the same
+    request is sent again with the next best key, each key at most once.
 
     @ivar idleTimeout: seconds without a byte from the upstream, from sending
-        the request to the end of the response, after which hermux gives up.
+        a request to the end of its response, after which hermux gives up.
     """
 
-    def __init__(self, upstream: Upstream, *, idleTimeout: float = 300.0, reactor=None):
+    errorBodyLimit = 64 * 1024
+
+    def __init__(
+        self, upstream: Upstream, pool: KeyPool, *, idleTimeout: float = 300.0, reactor=None
+    ):
         if reactor is None:
             from twisted.internet import reactor
         self._upstream = upstream
+        self._pool = pool
         self._reactor = reactor
         self.idleTimeout = idleTimeout
 
-    def forward(self, request, target: bytes, key: Key) -> Deferred[None]:
+    def forward(self, request, target: bytes) -> Deferred[None]:
         """
-        Relay C{request} to the upstream's C{target} with C{key}.  The
-        returned Deferred fires when the exchange is over, however it ended.
+        Relay C{request} to the upstream's C{target}.  The returned Deferred
+        fires when the exchange is over, however it ended.
         """
-        watchdog = _Watchdog(self._reactor, self.idleTimeout)
-        exchange = _Exchange(request, self._upstream, target, key, watchdog)
+        exchange = _Exchange(self, request, target)
         d = ensureDeferred(exchange.run())
         request.notifyFinish().addErrback(exchange.clientWentAway, d)
         return d.addErrback(exchange.failed)
@@ -189,18 +247,18 @@ class Relay:
 
 class _Exchange:
     """
-    One client request and the upstream's answer to it.
+    One client request and the upstream's answers to it.
     """
 
     _log = Logger()
 
-    def __init__(self, request, upstream, target, key, watchdog):
+    def __init__(self, relay: Relay, request, target: bytes):
+        self._relay = relay
+        self._pool = relay._pool
         self._request = request
-        self._upstream = upstream
         self._target = target
-        self._key = key
-        self._watchdog = watchdog
         self._clientGone = False
+        self._watchdog: _Watchdog | None = None
 
     def clientWentAway(self, reason, running: Deferred) -> None:
         self._clientGone = True
@@ -208,24 +266,82 @@ class _Exchange:
         running.cancel()
 
     async def run(self) -> None:
+        request = self._request
+        tried: set[str] = set()
         try:
-            response = await self._open()
-            if response is not None:
-                self._sendHead(response)
-                await self._relayBody(response)
+            while True:
+                try:
+                    key = self._pool.acquire(exclude=tried)
+                except NoKeyAvailable as e:
+                    self._noKeyAvailable(e.usableAt)
+                    return
+                tried.add(key.name)
+                request.keyName = key.name
+                self._watchdog = _Watchdog(self._relay._reactor, self._relay.idleTimeout)
+                response = await self._open(key)
+                if response is None:
+                    return
+                if response.code not in KEY_STATUSES:
+                    self._pool.report(key, classify(response.code, response.headers, b"", self._now()))
+                    self._sendHead(response, key)
+                    await self._relayBody(response)
+                    return
+                body = await self._readErrorBody(response, key)
+                if body is None:
+                    return
+                verdict = classify(response.code, response.headers, body, self._now())
+                self._pool.report(key, verdict)
+                if not verdict.penalizes:
+                    self._sendHead(response, key)
+                    request.write(body)
+                    request.finish()
+                    return
+                self._watchdog.stop()
+                self._log.info(
+                    "{method} {path}: key {key} cannot serve ({reason}); trying another",
+                    method=request.method.decode("ascii", "replace"),
+                    path=request.path.decode("ascii", "replace"),
+                    key=key.name,
+                    reason=verdict.reason,
+                )
         finally:
-            self._watchdog.stop()
+            if self._watchdog is not None:
+                self._watchdog.stop()
 
-    async def _open(self):
+    def _now(self) -> float:
+        return self._relay._reactor.seconds()
+
+    def _noKeyAvailable(self, usableAt: float | None) -> None:
+        request = self._request
+        if usableAt is None:
+            request.outcome = "no usable key"
+            writeError(
+                request,
+                503,
+                "no key can serve: the upstream refused every key; "
+                "check tokens.csv and reload hermux",
+            )
+            return
+        wait = max(1, math.ceil(usableAt - self._now()))
+        request.outcome = "every key rate limited or exhausted"
+        request.setHeader(b"Retry-After", b"%d" % (wait,))
+        writeError(
+            request,
+            429,
+            f"every key is rate limited or has used up its daily requests; "
+            f"retry in {wait} seconds",
+        )
+
+    async def _open(self, key: Key):
         """
         Send the request upstream and wait for the response head; answer the
         client with an error and return L{None} if there is none.
         """
         request = self._request
-        pending = self._upstream.request(
+        pending = self._relay._upstream.request(
             request.method,
             self._target,
-            upstreamHeaders(request.requestHeaders, self._key.token.encode("ascii")),
+            upstreamHeaders(request.requestHeaders, key.token.encode("ascii")),
             _requestBody(request),
         )
         self._watchdog.onIdle = pending.cancel
@@ -238,17 +354,38 @@ class _Exchange:
                 code, message = 504, "the upstream did not answer in time"
             else:
                 code, message = _describeFailure(Failure())
-            request.outcome = message
-            request.setHeader(b"X-Token-Name", self._key.name.encode("ascii"))
-            writeError(request, code, message)
+            self._pool.report(key, ERROR)
+            self._answerError(key, code, message)
             return None
 
-    def _sendHead(self, response) -> None:
+    def _answerError(self, key: Key, code: int, message: str) -> None:
+        self._request.outcome = message
+        self._request.setHeader(b"X-Token-Name", key.name.encode("ascii"))
+        writeError(self._request, code, message)
+
+    async def _readErrorBody(self, response, key: Key) -> bytes | None:
+        """
+        Read a short error answer whole; answer the client with an error
+        and return L{None} if that fails.
+        """
+        collector = _BodyCollector(self._relay.errorBodyLimit, self._watchdog.kick)
+        self._watchdog.onIdle = collector.abort
+        response.deliverBody(collector)
+        try:
+            return await collector.done
+        except Exception:
+            if self._clientGone:
+                raise
+            self._pool.report(key, ERROR)
+            self._answerError(key, 502, "the upstream's error answer could not be read")
+            return None
+
+    def _sendHead(self, response, key: Key) -> None:
         request = self._request
         request.setResponseCode(response.code, response.phrase)
         request.defaultContentType = None
         copyResponseHeaders(response.headers, request.responseHeaders)
-        request.setHeader(b"X-Token-Name", self._key.name.encode("ascii"))
+        request.setHeader(b"X-Token-Name", key.name.encode("ascii"))
         # Send the head now: a streaming client sees it before the first event.
         request.write(b"")
 

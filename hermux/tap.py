@@ -12,6 +12,8 @@ from hermux.access import AccessList
 from hermux.config import ConfigError, checkSeparate, loadAccessTokens, loadKeys
 from hermux.demo import DemoUpstream
 from hermux.keypool import KeyPool
+from hermux.ledger import LedgerError, SQLiteLedger
+from hermux.probe import KeyProbe
 from hermux.relay import Relay
 from hermux.resource import buildRoot
 from hermux.site import HermuxSite
@@ -47,11 +49,23 @@ class Options(usage.Options):
             "Serve a fake OpenRouter in-process and use it as the upstream "
             "(nothing leaves the machine; every answer is fake).",
         ],
+        [
+            "probe-keys",
+            None,
+            "At start, ask the upstream about each key (GET /api/v1/key) and "
+            "seed today's counts and daily limits; refused keys start disabled.",
+        ],
     ]
 
     optParameters = [
         ["tokens", None, "tokens.csv", "CSV file of upstream keys: name,token[,daily_limit]."],
         ["allow", None, "allow.txt", "File of client access tokens, one per line."],
+        [
+            "state",
+            None,
+            "hermux.sqlite3",
+            "SQLite file where daily usage counts are kept across restarts.",
+        ],
         [
             "upstream",
             None,
@@ -128,6 +142,13 @@ def _loadConfiguration(options):
     return keys, accessTokens
 
 
+def _openLedger(options, reactor) -> SQLiteLedger:
+    try:
+        return SQLiteLedger(options["state"], reactor=reactor)
+    except LedgerError as e:
+        raise SystemExit(f"hermux: {e}")
+
+
 def makeService(options, reactor=None) -> MultiService:
     """
     Build hermux's service tree from parsed L{Options}.
@@ -137,7 +158,12 @@ def makeService(options, reactor=None) -> MultiService:
     keys, accessTokens = _loadConfiguration(options)
     hermux = MultiService()
 
-    pool = KeyPool(keys)
+    # First in, so last out: the final counts are written after the rest stops.
+    ledger = _openLedger(options, reactor)
+    ledger.setName("ledger")
+    ledger.setServiceParent(hermux)
+
+    pool = KeyPool(keys, ledger=ledger, reactor=reactor)
     pool.setName("keypool")
     pool.setServiceParent(hermux)
 
@@ -151,9 +177,11 @@ def makeService(options, reactor=None) -> MultiService:
     upstream.setServiceParent(hermux)
     if options["demo"]:
         DemoUpstream(upstream, [key.token for key in keys], reactor=reactor).setServiceParent(hermux)
+    if options["probe-keys"]:
+        KeyProbe(pool, upstream).setServiceParent(hermux)
 
-    relay = Relay(upstream, idleTimeout=options["idle-timeout"], reactor=reactor)
-    root = buildRoot(pool, AccessList(accessTokens), relay)
+    relay = Relay(upstream, pool, idleTimeout=options["idle-timeout"], reactor=reactor)
+    root = buildRoot(pool, AccessList(accessTokens), relay, ledger)
     site = HermuxSite(root, maxBody=options["max-body"], reactor=reactor)
     for description in options["listen"]:
         try:

@@ -20,6 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from hermux.access import AccessList
 from hermux.config import Key
 from hermux.keypool import KeyPool
+from hermux.ledger import MemoryLedger
 from hermux.relay import Relay
 from hermux.resource import buildRoot
 from hermux.site import HermuxSite
@@ -76,6 +77,7 @@ class Proxy:
     @ivar fake: the fake upstream.
     @ivar site: hermux's site.
     @ivar pool: hermux's key pool.
+    @ivar ledger: its ledger (in memory unless one is given).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class Proxy:
         eventClock=None,
         eventInterval: float = 0.0,
         upstreamCertificate=None,
+        ledger=None,
     ):
         self._testCase = testCase
         self.fake = FakeOpenRouter(
@@ -113,9 +116,10 @@ class Proxy:
         )
         testCase.addCleanup(self.upstream.stopService)
         self.upstreamBase = upstreamBase
-        self.pool = KeyPool(keys)
-        self.relay = Relay(self.upstream, idleTimeout=idleTimeout, reactor=reactor)
-        root = buildRoot(self.pool, AccessList(accessTokens), self.relay)
+        self.ledger = ledger if ledger is not None else MemoryLedger()
+        self.pool = KeyPool(keys, ledger=self.ledger, reactor=reactor)
+        self.relay = Relay(self.upstream, self.pool, idleTimeout=idleTimeout, reactor=reactor)
+        root = buildRoot(self.pool, AccessList(accessTokens), self.relay, self.ledger)
         self.site = HermuxSite(root, maxBody=maxBody)
         self.port = self._listen(self.site)
         clientPool = HTTPConnectionPool(reactor, persistent=False)

@@ -15,7 +15,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hermux.access import AccessList
 from hermux.config import Key
-from hermux.keypool import KeyPool
+from hermux.access import clientLabel
+from hermux.keypool import KeyPool, dayOf
+from hermux.ledger import MemoryLedger
+from twisted.internet.task import Clock
 from hermux.resource import buildRoot
 
 KEYS = (
@@ -47,8 +50,8 @@ class _StubRelay:
     def __init__(self):
         self.calls = []
 
-    def forward(self, request, target, key):
-        self.calls.append((target, key))
+    def forward(self, request, target):
+        self.calls.append((target, request.clientLabel))
         request.write(RELAYED)
         request.finish()
         return succeed(None)
@@ -57,7 +60,9 @@ class _StubRelay:
 class ResourceTestCase(SynchronousTestCase):
     def setUp(self):
         self.relay = _StubRelay()
-        self.pool = KeyPool(KEYS)
+        self.clock = Clock()
+        self.ledger = MemoryLedger()
+        self.pool = KeyPool(KEYS, ledger=self.ledger, reactor=self.clock)
         root = buildRoot(self.pool, AccessList([ACCESS_TOKEN]), self.relay)
         self.stub = StubTreq(root)
 
@@ -182,16 +187,17 @@ class RoutingTests(ResourceTestCase):
         self.assertTarget("/v1/chat/completions", b"/api/v1/chat/completions")
         self.assertTarget("/v1/models?category=programming", b"/api/v1/models?category=programming")
 
-    def test_keysAreSpread(self):
+    def test_clientsAreCounted(self):
         """
-        Consecutive requests are given both keys in turn.
+        Each forwarded request counts one request for its client, by label,
+        in today's usage; refused ones do not.
         """
-        for _ in range(4):
+        for _ in range(3):
             self.assertEqual(self.respond("GET", "/api/v1/models").code, 200)
-        keys = [key for target, key in self.relay.calls]
-        self.assertEqual(Counter(key.name for key in keys), {"alpha": 2, "beta": 2})
-        self.assertEqual({key.name for key in keys[:2]}, {"alpha", "beta"})
-        self.assertEqual(set(keys), set(KEYS))
+        self.respond("GET", "/api/v1/models", authorization="Bearer wrong")
+        label = clientLabel(ACCESS_TOKEN)
+        self.assertEqual([client for target, client in self.relay.calls], [label] * 3)
+        self.assertEqual(self.ledger.clientUsage(dayOf(self.clock.seconds())), {label: 3})
 
     def test_badTargetsAreRefused(self):
         """

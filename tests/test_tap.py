@@ -137,7 +137,9 @@ class ServiceTests(SynchronousTestCase):
 
         tokens, allow = writeConfiguration(self)
         options = maker.options()
-        options.parseOptions(["--tokens", tokens, "--allow", allow, "--listen", "tcp:0"])
+        options.parseOptions(
+            ["--tokens", tokens, "--allow", allow, "--listen", "tcp:0", "--state", self.mktemp()]
+        )
         application = Application("hermux")
         maker.makeService(options).setServiceParent(application)
         [top] = list(IServiceCollection(application))
@@ -151,7 +153,7 @@ class ServiceTests(SynchronousTestCase):
         with open(tokens, "w") as f:
             f.write("name,token\nalpha,sk-one\nalpha,sk-two\n")
         options = Options()
-        options.parseOptions(["--tokens", tokens, "--allow", allow])
+        options.parseOptions(["--tokens", tokens, "--allow", allow, "--state", self.mktemp()])
         stop = self.assertRaises(SystemExit, makeService, options)
         self.assertEqual(
             str(stop.code), f"hermux: {tokens}, line 3: duplicate name 'alpha' (first on line 2)"
@@ -160,14 +162,16 @@ class ServiceTests(SynchronousTestCase):
     def test_accessTokenThatIsAKeyIsRefused(self):
         tokens, allow = writeConfiguration(self, accessTokens=(KEYS[0].token,))
         options = Options()
-        options.parseOptions(["--tokens", tokens, "--allow", allow])
+        options.parseOptions(["--tokens", tokens, "--allow", allow, "--state", self.mktemp()])
         stop = self.assertRaises(SystemExit, makeService, options)
         self.assertNotIn(KEYS[0].token, str(stop.code))
 
     def test_badListenStopsWithOneLine(self):
         tokens, allow = writeConfiguration(self)
         options = Options()
-        options.parseOptions(["--tokens", tokens, "--allow", allow, "--listen", "nonsense:1"])
+        options.parseOptions(
+            ["--tokens", tokens, "--allow", allow, "--listen", "nonsense:1", "--state", self.mktemp()]
+        )
         stop = self.assertRaises(SystemExit, makeService, options)
         self.assertIn("--listen 'nonsense:1'", str(stop.code))
 
@@ -198,7 +202,7 @@ class RunningServiceTests(TestCase):
         options.parseOptions([
             "--tokens", tokens, "--allow", allow,
             "--upstream", f"http://127.0.0.1:{fakePort.getHost().port}",
-            "--listen", f"unix:{socketPath}",
+            "--listen", f"unix:{socketPath}", "--state", self.mktemp(),
         ])
         service = makeService(options)
         service.startService()
@@ -256,6 +260,9 @@ class TwistdTests(TestCase):
         self.addCleanup(stop)
         return child
 
+    def statePath(self) -> str:
+        return os.path.abspath(self.mktemp())
+
     def environment(self):
         env = dict(os.environ)
         env["PYTHONPATH"] = CHECKOUT + os.pathsep + env.get("PYTHONPATH", "")
@@ -285,7 +292,8 @@ class TwistdTests(TestCase):
         with open(tokens, "w") as f:
             f.write("name,token\nalpha,\n")
         out, err, code = await getProcessOutputAndValue(
-            TWISTD[0], TWISTD[1:] + ["-n", "hermux", "--tokens", tokens, "--allow", allow],
+            TWISTD[0],
+            TWISTD[1:] + ["-n", "hermux", "--tokens", tokens, "--allow", allow, "--state", self.statePath()],
             env=self.environment(), path=CHECKOUT,
         )
         self.assertNotEqual(code, 0)
@@ -300,7 +308,7 @@ class TwistdTests(TestCase):
         child = self.spawn(
             "-n", "hermux", "--demo",
             "--tokens", "tokens.csv.example", "--allow", "allow.txt.example",
-            "--listen", "tcp:0:interface=127.0.0.1",
+            "--listen", "tcp:0:interface=127.0.0.1", "--state", self.statePath(),
         )
         port = await self.waitForPort(lambda: child.output)
         # twistd opens hermux's port (privilegedStartService) before it
@@ -335,6 +343,7 @@ class TwistdTests(TestCase):
                 "--logfile", logfile, "--pidfile", pidfile,
                 "hermux", "--demo", "--tokens", "tokens.csv.example",
                 "--allow", "allow.txt.example", "--listen", "tcp:0:interface=127.0.0.1",
+                "--state", self.statePath(),
             ],
             env=self.environment(), path=CHECKOUT,
         )
