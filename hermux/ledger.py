@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 SCHEMA_VERSION = 1
 # PRAGMA application_id: "hmux" in ASCII, so that no other program's
@@ -87,6 +87,8 @@ class ILedger(Interface):
     """
     Where usage counts are kept.  C{day} is a UTC day number.
     """
+
+    problem = Attribute("Why counts cannot be stored right now, or None.")
 
     def keyUsage(day: int) -> dict[str, KeyUsage]:
         """
@@ -159,6 +161,8 @@ class MemoryLedger:
     A ledger that forgets everything when hermux stops: for tests, and for
     code that needs a ledger but no state.
     """
+
+    problem = None
 
     def __init__(self):
         self._counts = _Pending()

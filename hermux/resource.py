@@ -18,6 +18,7 @@ from hermux.access import AccessList, Client
 from hermux.errors import ErrorResource, renderError
 from hermux.hygiene import BadTarget, upstreamTarget
 from hermux.keypool import KeyPool, KeyStatus, isoTime
+from hermux.ledger import ILedger
 from hermux.relay import Relay
 
 _NOT_FOUND = ErrorResource(
@@ -149,7 +150,7 @@ class Health(Resource):
 
     isLeaf = True
 
-    def __init__(self, pool: KeyPool, ledger=None):
+    def __init__(self, pool: KeyPool, ledger: ILedger | None = None):
         super().__init__()
         self._pool = pool
         self._ledger = ledger
@@ -157,13 +158,14 @@ class Health(Resource):
     @_readOnly
     def render(self, request):
         health = {"status": "ok", "keys": len(self._pool.keys)}
-        problem = getattr(self._ledger, "problem", None)
-        if problem is not None:
+        if self._ledger is not None and self._ledger.problem is not None:
             health.update(status="degraded", problem="usage counts cannot be written to the state file")
         return _json(request, health)
 
 
-def buildRoot(pool: KeyPool, access: AccessList, relay: Relay, ledger=None) -> Resource:
+def buildRoot(
+    pool: KeyPool, access: AccessList, relay: Relay, ledger: ILedger | None = None
+) -> Resource:
     """
     The resource tree of a hermux server.
     """

@@ -12,10 +12,23 @@ from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
 from twisted.application.service import IService
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from hermux.config import Key
-from hermux.keypool import KeyPool, NoKeyAvailable
+from hermux.keypool import (
+    ERROR,
+    SECONDS_PER_DAY,
+    KeyPool,
+    Kind,
+    NoKeyAvailable,
+    State,
+    Verdict,
+    isoTime,
+    nextMidnight,
+)
+from hermux.ledger import KeyUsage, MemoryLedger
 
 
 def makeKeys(count: int) -> tuple[Key, ...]:
@@ -174,3 +187,213 @@ class KeyPoolTests(SynchronousTestCase):
             counts = pool.requestCounts().values()
             self.assertLessEqual(max(counts) - min(counts), 1)
             self.assertEqual(sum(counts), made)
+
+
+# A realistic moment: 2025-11-26T10:00:00Z.
+DAY = 20418
+MORNING = DAY * SECONDS_PER_DAY + 10 * 3600.0
+
+
+class KeyStateTests(SynchronousTestCase):
+    """
+    Key states driven by upstream verdicts and by the clock.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(MORNING)
+        self.ledger = MemoryLedger()
+        self.keys = makeKeys(3)
+        self.alpha, self.beta, self.gamma = self.keys
+
+    def pool(self, keys=None, **kwargs) -> KeyPool:
+        return KeyPool(
+            keys or self.keys,
+            ledger=self.ledger,
+            reactor=self.clock,
+            randomness=random.Random(4),
+            **kwargs,
+        )
+
+    def states(self, pool) -> dict[str, State]:
+        return {status.name: status.state for status in pool.statuses()}
+
+    def chosen(self, pool, times) -> Counter:
+        return Counter(pool.acquire().name for _ in range(times))
+
+    def test_coolingKeyRestsUntilItsTime(self):
+        """
+        A cooling key is not chosen until its time comes; then it is, and it
+        catches up as the least used.
+        """
+        pool = self.pool()
+        pool.report(self.alpha, Verdict(Kind.COOLING, MORNING + 60, "per-minute"))
+        self.assertEqual(self.states(pool)["key0"], State.COOLING)
+        self.assertNotIn("key0", self.chosen(pool, 10))
+        self.clock.advance(60)
+        self.assertEqual(self.states(pool)["key0"], State.READY)
+        self.assertEqual(self.chosen(pool, 5), Counter(key0=5))
+
+    def test_exhaustedKeyRestsUntilReset(self):
+        pool = self.pool()
+        pool.report(self.beta, Verdict(Kind.EXHAUSTED, MORNING + 3600, "per-day"))
+        [beta] = [s for s in pool.statuses() if s.name == "key1"]
+        self.assertEqual(beta.state, State.EXHAUSTED)
+        self.assertEqual(beta.usableAt, MORNING + 3600)
+        self.assertEqual(beta.reason, "per-day")
+        self.assertNotIn("key1", self.chosen(pool, 10))
+        self.clock.advance(3600)
+        self.assertIn("key1", self.chosen(pool, 10))
+
+    def test_disabledUntilReload(self):
+        """
+        A key the upstream refused stays disabled, across midnight too.
+        """
+        pool = self.pool()
+        pool.report(self.gamma, Verdict(Kind.DISABLED, None, "invalid (401)"))
+        self.clock.advance(3 * SECONDS_PER_DAY)
+        [gamma] = [s for s in pool.statuses() if s.name == "key2"]
+        self.assertEqual(gamma.state, State.DISABLED)
+        self.assertIsNone(gamma.usableAt)
+        self.assertEqual(gamma.reason, "invalid (401)")
+        self.assertNotIn("key2", self.chosen(pool, 10))
+
+    def test_disabledForToday(self):
+        """
+        A key disabled until midnight (out of credits) serves again on the
+        next UTC day.
+        """
+        pool = self.pool()
+        midnight = nextMidnight(MORNING)
+        pool.report(self.alpha, Verdict(Kind.DISABLED, midnight, "no credits (402)"))
+        self.clock.advance(midnight - MORNING - 1)
+        self.assertEqual(self.states(pool)["key0"], State.DISABLED)
+        self.clock.advance(1)
+        self.assertEqual(self.states(pool)["key0"], State.READY)
+
+    def test_dailyLimit(self):
+        """
+        A key that reached its daily_limit today is not chosen until the
+        next UTC day.
+        """
+        limited = Key("limited", "sk-limited", dailyLimit=2)
+        pool = self.pool(keys=[limited, self.alpha])
+        self.assertEqual(self.chosen(pool, 4), Counter(limited=2, key0=2))
+        [status, _] = pool.statuses()
+        self.assertEqual(status.state, State.EXHAUSTED)
+        self.assertEqual(status.usableAt, nextMidnight(MORNING))
+        self.assertEqual(self.chosen(pool, 3), Counter(key0=3))
+        self.clock.advance(nextMidnight(MORNING) - MORNING)
+        self.assertEqual(pool.statuses()[0].state, State.READY)
+        self.assertEqual(self.chosen(pool, 4), Counter(limited=2, key0=2))
+
+    def test_zeroDailyLimit(self):
+        limited = Key("never", "sk-never", dailyLimit=0)
+        pool = self.pool(keys=[limited])
+        self.assertRaises(NoKeyAvailable, pool.acquire)
+
+    def test_midnightStartsEveryKeyAtZero(self):
+        """
+        At 00:00 UTC every count starts again at zero, so least-used is
+        about today only.
+        """
+        pool = self.pool()
+        self.chosen(pool, 30)
+        pool.acquire(exclude={"key1", "key2"})
+        self.assertEqual(pool.requestCounts(), {"key0": 11, "key1": 10, "key2": 10})
+        self.clock.advance(nextMidnight(MORNING) - MORNING - 0.001)
+        self.assertEqual(pool.requestCounts()["key0"], 11)
+        self.clock.advance(0.001)
+        self.assertEqual(pool.requestCounts(), {"key0": 0, "key1": 0, "key2": 0})
+        self.assertEqual(sorted(self.chosen(pool, 3).values()), [1, 1, 1])
+
+    def test_countsGoToTheLedgerByDay(self):
+        pool = self.pool()
+        self.chosen(pool, 3)
+        pool.report(self.alpha, Verdict(Kind.COOLING, MORNING + 1, "x"))
+        pool.report(self.beta, ERROR)
+        pool.countClient("client-1")
+        self.clock.advance(SECONDS_PER_DAY)
+        pool.acquire()
+        today = self.ledger.keyUsage(DAY)
+        self.assertEqual(today["key0"], KeyUsage(requests=1, rateLimited=1, errors=0))
+        self.assertEqual(today["key1"], KeyUsage(requests=1, rateLimited=0, errors=1))
+        self.assertEqual(self.ledger.clientUsage(DAY), {"client-1": 1})
+        self.assertEqual(sum(u.requests for u in self.ledger.keyUsage(DAY + 1).values()), 1)
+
+    def test_todayComesFromTheLedger(self):
+        """
+        A pool started today continues from the ledger's counts, so least
+        used carries on across restarts.
+        """
+        self.ledger.record(DAY, "key0", requests=7, rateLimited=2)
+        self.ledger.record(DAY, "key1", requests=5)
+        self.ledger.record(DAY - 1, "key2", requests=100)
+        pool = self.pool()
+        self.assertEqual(pool.requestCounts(), {"key0": 7, "key1": 5, "key2": 0})
+        self.assertEqual(self.chosen(pool, 5), Counter(key2=5))
+        [alpha, _, _] = pool.statuses()
+        self.assertEqual(alpha.rateLimitedToday, 2)
+
+    def test_noKeyAvailableSaysWhen(self):
+        """
+        With no key ready, the pool says when the first one will be.
+        """
+        pool = self.pool()
+        pool.report(self.alpha, Verdict(Kind.COOLING, MORNING + 90, "a"))
+        pool.report(self.beta, Verdict(Kind.EXHAUSTED, MORNING + 30, "b"))
+        pool.report(self.gamma, Verdict(Kind.DISABLED, None, "c"))
+        error = self.assertRaises(NoKeyAvailable, pool.acquire)
+        self.assertEqual(error.usableAt, MORNING + 30)
+
+    def test_noKeyEverAvailable(self):
+        pool = self.pool()
+        for key in self.keys:
+            pool.report(key, Verdict(Kind.DISABLED, None, "refused"))
+        self.assertIsNone(self.assertRaises(NoKeyAvailable, pool.acquire).usableAt)
+
+    def test_excludedKeysAreNotChosen(self):
+        pool = self.pool()
+        for _ in range(5):
+            self.assertEqual(pool.acquire(exclude={"key0", "key2"}).name, "key1")
+        error = self.assertRaises(NoKeyAvailable, pool.acquire, exclude={"key0", "key1", "key2"})
+        self.assertEqual(error.usableAt, MORNING)
+
+    def test_busyIsNoPenalty(self):
+        pool = self.pool()
+        pool.report(self.alpha, Verdict(Kind.BUSY, None, "high demand"))
+        self.assertEqual(self.states(pool)["key0"], State.READY)
+        self.assertEqual(pool.statuses()[0].rateLimitedToday, 1)
+
+    def test_reportForAnUnknownKeyIsIgnored(self):
+        pool = self.pool()
+        pool.report(Key("stranger", "sk-x"), Verdict(Kind.DISABLED, None, "x"))
+        pool.report(Key("key0", "sk-another-token"), Verdict(Kind.DISABLED, None, "x"))
+        self.assertEqual(set(self.states(pool).values()), {State.READY})
+
+    def test_seed(self):
+        """
+        What the upstream reports raises today's count and sets the daily
+        limit, unless tokens.csv sets one.
+        """
+        limited = Key("limited", "sk-l", dailyLimit=10)
+        pool = self.pool(keys=[limited, self.alpha])
+        pool.acquire()
+        pool.seed("limited", used=4, limit=50)
+        pool.seed("key0", used=0, limit=50)
+        [l, a] = pool.statuses()
+        self.assertEqual((l.requestsToday, l.dailyLimit), (4, 10))
+        self.assertEqual(a.dailyLimit, 50)
+        self.assertGreaterEqual(a.requestsToday, 0)
+
+    def test_stateChangesAreLoggedByName(self):
+        pool = self.pool()
+        with capturedLogs() as events:
+            pool.report(self.alpha, Verdict(Kind.DISABLED, None, "the upstream refused the key (403)"))
+        [event] = events
+        self.assertEqual(event["key"], "key0")
+        self.assertIn("disabled", formatEvent(event))
+        self.assertNotIn(self.alpha.token, formatEvent(event) + repr(event))
+
+    def test_isoTime(self):
+        self.assertEqual(isoTime(MORNING), "2025-11-26T10:00:00Z")
