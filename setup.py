@@ -18,6 +18,7 @@ setup(
         "service-identity>=24.1",
         "pyOpenSSL>=24.0",
         "attrs>=23.1",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": ["hypothesis>=6.100", "openai>=1.30"],

@@ -54,10 +54,20 @@ class AccessList:
     """
 
     def __init__(self, tokens: Iterable[str]):
+        self.replace(tokens)
+
+    def replace(self, tokens: Iterable[str]) -> tuple[int, int]:
+        """
+        Allow exactly C{tokens} from now on.
+
+        @return: how many tokens were added and how many removed.
+        """
+        before = set(getattr(self, "_clients", ()))
         self._clients = {
             _digest(token.encode("ascii")): Client(clientLabel(token))
             for token in tokens
         }
+        return len(self._clients.keys() - before), len(before - self._clients.keys())
 
     def __len__(self) -> int:
         return len(self._clients)

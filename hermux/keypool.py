@@ -21,7 +21,7 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 
 from hermux.config import Key
-from hermux.ledger import ILedger, MemoryLedger
+from hermux.ledger import ILedger, KeyUsage, MemoryLedger
 
 SECONDS_PER_DAY = 86400
 
@@ -236,15 +236,17 @@ class KeyPool(Service):
     def _loadDay(self):
         """
         Take today's counts from the ledger: at start only, since a day
-        that begins later starts at zero.
+        that begins later starts at zero.  Counts of names not configured
+        now are kept aside, for a key of that name added later today.
         """
         usage = self._ledger.keyUsage(self._day)
         for name, account in self._accounts.items():
-            counts = usage.get(name)
+            counts = usage.pop(name, None)
             if counts is not None:
                 account.requests = counts.requests
                 account.rateLimited = counts.rateLimited
                 account.errors = counts.errors
+        self._retired = usage
 
     def _now(self) -> float:
         """
@@ -254,6 +256,7 @@ class KeyPool(Service):
         day = dayOf(now)
         if day != self._day:
             self._day = day
+            self._retired = {}
             for account in self._accounts.values():
                 account.requests = account.rateLimited = account.errors = 0
             self._log.info("a new UTC day began: every key starts again at zero")
@@ -351,6 +354,36 @@ class KeyPool(Service):
             account.requests = used
         if limit is not None and account.key.dailyLimit is None:
             account.dailyLimit = limit
+
+    def replaceKeys(self, keys: Iterable[Key]) -> None:
+        """
+        Take a new configuration's keys.  Keys whose name stays keep their
+        counts and their cooling or exhausted state; a key the upstream
+        refused gets another chance; a key new to the pool starts at today's
+        count for its name.  Requests in flight with a removed key finish,
+        and what the upstream says of them is ignored.
+        """
+        self._now()
+        old = self._accounts
+        accounts = {}
+        for key in keys:
+            account = _Account(key, key.dailyLimit)
+            before = old.get(key.name)
+            if before is not None:
+                account.coolingUntil = before.coolingUntil
+                account.coolingReason = before.coolingReason
+                account.exhaustedUntil = before.exhaustedUntil
+                account.exhaustedReason = before.exhaustedReason
+            counts = before or self._retired.pop(key.name, None)
+            if counts is not None:
+                account.requests = counts.requests
+                account.rateLimited = counts.rateLimited
+                account.errors = counts.errors
+            accounts[key.name] = account
+        for name, account in old.items():
+            if name not in accounts:
+                self._retired[name] = KeyUsage(account.requests, account.rateLimited, account.errors)
+        self._accounts = accounts
 
     def countClient(self, label: str) -> None:
         """

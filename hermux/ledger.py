@@ -14,6 +14,7 @@ by several hermux instances) can take SQLite's place.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections import Counter
 from datetime import date, timedelta
 
@@ -120,11 +121,15 @@ class ILedger(Interface):
 class _Pending:
     """
     Counts recorded since the last write.
+
+    @ivar committed: set by the writer thread once the counts are in the
+        file.
     """
 
     def __init__(self):
         self.keys: Counter[tuple[int, str, str]] = Counter()
         self.clients: Counter[tuple[int, str]] = Counter()
+        self.committed = False
 
     def __bool__(self):
         return bool(self.keys or self.clients)
@@ -226,12 +231,12 @@ def _readKeyUsage(connection, day: int) -> dict[str, Counter]:
     }
 
 
-def _write(connection: sqlite3.Connection, batch: _Pending) -> None:
+def _write(connection: sqlite3.Connection, batch: _Pending, lock: threading.Lock) -> None:
     keyRows: dict[tuple[int, str], list[int]] = {}
     for (day, key, column), n in batch.keys.items():
         row = keyRows.setdefault((day, key), [0, 0, 0])
         row[("requests", "rate_limited", "errors").index(column)] += n
-    with connection:
+    with lock, connection:
         connection.execute("BEGIN IMMEDIATE")
         connection.executemany(
             _ADD_KEY_USAGE, [(dayText(d), k, *row) for (d, k), row in keyRows.items()]
@@ -239,6 +244,7 @@ def _write(connection: sqlite3.Connection, batch: _Pending) -> None:
         connection.executemany(
             _ADD_CLIENT_USAGE, [(dayText(d), c, n) for (d, c), n in batch.clients.items()]
         )
+        batch.committed = True
 
 
 @implementer(ILedger)
@@ -270,6 +276,7 @@ class SQLiteLedger(Service):
         self._loop: LoopingCall | None = None
         self._flushing: Deferred | None = None
         self._lastProblemLogged: float | None = None
+        self._lock = threading.Lock()
         self.problem: str | None = None
         _connect(path).close()
 
@@ -278,31 +285,38 @@ class SQLiteLedger(Service):
         Read synchronously, with a connection of its own: for startup, not
         for the reactor thread once hermux serves.
         """
-        connection = _connect(self.path)
-        try:
-            stored = _readKeyUsage(connection, day)
-        finally:
-            connection.close()
-        return _merged(stored, self._unwritten().keyUsage(day))
+        with self._lock:
+            connection = _connect(self.path)
+            try:
+                stored = _readKeyUsage(connection, day)
+            finally:
+                connection.close()
+            return _merged(stored, self._unwritten().keyUsage(day))
 
     def clientUsage(self, day):
         """
         Read synchronously, like L{keyUsage}.
         """
-        connection = _connect(self.path)
-        try:
-            rows = connection.execute(
-                "SELECT client, requests FROM client_usage WHERE day = ?", (dayText(day),)
-            ).fetchall()
-        finally:
-            connection.close()
-        usage = Counter(dict(rows))
-        usage.update({c: n for (d, c), n in self._unwritten().clients.items() if d == day})
-        return dict(usage)
+        with self._lock:
+            connection = _connect(self.path)
+            try:
+                rows = connection.execute(
+                    "SELECT client, requests FROM client_usage WHERE day = ?", (dayText(day),)
+                ).fetchall()
+            finally:
+                connection.close()
+            usage = Counter(dict(rows))
+            usage.update({c: n for (d, c), n in self._unwritten().clients.items() if d == day})
+            return dict(usage)
 
     def _unwritten(self) -> _Pending:
+        """
+        The counts not in the file yet.  Call it holding C{_lock}, so that
+        a batch being written is either committed or not.
+        """
         unwritten = _Pending()
-        unwritten.add(self._writing)
+        if not self._writing.committed:
+            unwritten.add(self._writing)
         unwritten.add(self._pending)
         return unwritten
 
@@ -324,11 +338,9 @@ class SQLiteLedger(Service):
     async def _stop(self):
         self._loop.stop()
         for attempt in range(3):
-            if self._flushing is not None:
-                await self._flushing
+            await self.flush()
             if not self._pending:
                 break
-            await self.flush()
         if self._pending:
             self._log.error(
                 "stopping with counts that could not be written to {path}", path=self.path
@@ -344,14 +356,27 @@ class SQLiteLedger(Service):
 
     def flush(self) -> Deferred:
         """
-        Write what has been recorded since the last write.  One write runs
-        at a time; what arrives meanwhile waits for the next.
+        Write what has been recorded so far; fires once it is written (or
+        the write failed and the counts wait for the next try).  One write
+        runs at a time: a flush asked for meanwhile follows it.
         """
-        if self._flushing is not None or not self._pending or self._threads is None:
+        if self._threads is None:
+            return succeed(None)
+        if self._flushing is not None:
+            after: Deferred[None] = Deferred()
+
+            def thenFlush(_):
+                self.flush().chainDeferred(after)
+
+            self._flushing.addBoth(thenFlush)
+            return after
+        if not self._pending:
             return succeed(None)
         batch, self._pending = self._pending, _Pending()
         self._writing = batch
-        d = deferToThreadPool(self._reactor, self._threads, _write, self._connection, batch)
+        d = deferToThreadPool(
+            self._reactor, self._threads, _write, self._connection, batch, self._lock
+        )
         d.addCallbacks(self._written, self._notWritten, errbackArgs=(batch,))
         self._flushing = d
         return d

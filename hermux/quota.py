@@ -20,6 +20,7 @@ fault.  401 means an invalid or disabled key, 402 a negative balance, and
 from __future__ import annotations
 
 import json
+import math
 from email.utils import parsedate_to_datetime
 
 from twisted.web.http_headers import Headers
@@ -62,7 +63,7 @@ def classify(status: int, headers: Headers, body: bytes, now: float) -> Verdict:
 def _errorObject(body: bytes) -> dict:
     try:
         parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return {}
     error = parsed.get("error") if isinstance(parsed, dict) else None
     return error if isinstance(error, dict) else {}
@@ -115,12 +116,22 @@ def _resetTime(headers: Headers, metadata: dict) -> float | None:
         value = next(
             (v for k, v in copied.items() if str(k).lower() == "x-ratelimit-reset"), None
         )
-    try:
-        reset = float(value)
-    except (TypeError, ValueError):
+    reset = _finite(value)
+    if reset is None:
         return None
     # Documented as milliseconds; a value that small can only be seconds.
     return reset / 1000 if reset > 1e11 else reset
+
+
+def _finite(value) -> float | None:
+    """
+    C{value} as a finite number, or L{None} if it is not one.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _retryAfter(headers: Headers, now: float) -> float | None:
@@ -128,9 +139,10 @@ def _retryAfter(headers: Headers, now: float) -> float | None:
     if not values:
         return None
     value = values[-1].decode("ascii", "replace").strip()
-    if value.isdigit():
-        return now + int(value)
+    if value.isascii() and value.isdigit():
+        seconds = _finite(value)
+        return None if seconds is None else now + seconds
     try:
         return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None

@@ -37,6 +37,7 @@ from hermux.config import Key
 from hermux.errors import writeError
 from hermux.hygiene import copyResponseHeaders, upstreamHeaders
 from hermux.keypool import ERROR, KeyPool, NoKeyAvailable
+from hermux.metrics import Metrics
 from hermux.quota import KEY_STATUSES, classify
 from hermux.upstream import Upstream
 
@@ -225,7 +226,13 @@ class Relay:
     errorBodyLimit = 64 * 1024
 
     def __init__(
-        self, upstream: Upstream, pool: KeyPool, *, idleTimeout: float = 300.0, reactor=None
+        self,
+        upstream: Upstream,
+        pool: KeyPool,
+        *,
+        idleTimeout: float = 300.0,
+        metrics: Metrics | None = None,
+        reactor=None,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -233,6 +240,7 @@ class Relay:
         self._pool = pool
         self._reactor = reactor
         self.idleTimeout = idleTimeout
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def forward(self, request, target: bytes) -> Deferred[None]:
         """
@@ -297,8 +305,10 @@ class _Exchange:
                     request.finish()
                     return
                 self._watchdog.stop()
+                self._relay.metrics.retries.labels(verdict.kind.value).inc()
                 self._log.info(
-                    "{method} {path}: key {key} cannot serve ({reason}); trying another",
+                    "{requestId} {method} {path}: key {key} cannot serve ({reason}); trying another",
+                    requestId=getattr(request, "requestId", "-"),
                     method=request.method.decode("ascii", "replace"),
                     path=request.path.decode("ascii", "replace"),
                     key=key.name,
@@ -345,8 +355,9 @@ class _Exchange:
             _requestBody(request),
         )
         self._watchdog.onIdle = pending.cancel
+        sent = self._now()
         try:
-            return await pending
+            response = await pending
         except Exception:
             if self._clientGone:
                 raise
@@ -357,6 +368,8 @@ class _Exchange:
             self._pool.report(key, ERROR)
             self._answerError(key, code, message)
             return None
+        self._relay.metrics.ttfb.observe(self._now() - sent)
+        return response
 
     def _answerError(self, key: Key, code: int, message: str) -> None:
         self._request.outcome = message
@@ -384,7 +397,10 @@ class _Exchange:
         request = self._request
         request.setResponseCode(response.code, response.phrase)
         request.defaultContentType = None
+        requestId = request.responseHeaders.getRawHeaders(b"X-Request-Id")
         copyResponseHeaders(response.headers, request.responseHeaders)
+        if requestId is not None:
+            request.responseHeaders.setRawHeaders(b"X-Request-Id", requestId)
         request.setHeader(b"X-Token-Name", key.name.encode("ascii"))
         # Send the head now: a streaming client sees it before the first event.
         request.write(b"")

@@ -3,7 +3,7 @@ hermux's resource tree, which authenticates and routes each request.
 
     /api/...      forwarded upstream as is
     /v1/...       forwarded as /api/v1/...
-    /hermux/...   hermux's own: health, keys
+    /hermux/...   hermux's own: health, keys, metrics
     anything else 404
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web import server
 from twisted.web.resource import Resource
 
@@ -19,6 +20,7 @@ from hermux.errors import ErrorResource, renderError
 from hermux.hygiene import BadTarget, upstreamTarget
 from hermux.keypool import KeyPool, KeyStatus, isoTime
 from hermux.ledger import ILedger
+from hermux.metrics import Metrics
 from hermux.relay import Relay
 
 _NOT_FOUND = ErrorResource(
@@ -141,6 +143,28 @@ def _describe(status: KeyStatus) -> dict:
     }
 
 
+class MetricsPage(Resource):
+    """
+    C{/hermux/metrics}: the Prometheus exposition, for clients with an
+    access token (a scrape config's C{authorization: credentials:}).
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics, access: AccessList):
+        super().__init__()
+        self._metrics = metrics
+        self._access = access
+
+    @_readOnly
+    def render(self, request):
+        if authorized(request, self._access) is None:
+            return renderError(request, 401, _UNAUTHORIZED)
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return generate_latest(self._metrics.registry)
+
+
 class Health(Resource):
     """
     C{/hermux/health}: whether hermux is up, for anyone to ask.  It says
@@ -164,7 +188,11 @@ class Health(Resource):
 
 
 def buildRoot(
-    pool: KeyPool, access: AccessList, relay: Relay, ledger: ILedger | None = None
+    pool: KeyPool,
+    access: AccessList,
+    relay: Relay,
+    ledger: ILedger | None = None,
+    metrics: Metrics | None = None,
 ) -> Resource:
     """
     The resource tree of a hermux server.
@@ -175,5 +203,7 @@ def buildRoot(
     own = _Directory()
     own.putChild(b"health", Health(pool, ledger))
     own.putChild(b"keys", Keys(pool, access))
+    if metrics is not None:
+        own.putChild(b"metrics", MetricsPage(metrics, access))
     root.putChild(b"hermux", own)
     return root

@@ -5,7 +5,6 @@ The twistd plugin's options and service wiring: C{twistd hermux --help}.
 from __future__ import annotations
 
 from twisted.application import strports
-from twisted.application.service import MultiService
 from twisted.python import usage
 
 from hermux.access import AccessList
@@ -13,8 +12,11 @@ from hermux.config import ConfigError, checkSeparate, loadAccessTokens, loadKeys
 from hermux.demo import DemoUpstream
 from hermux.keypool import KeyPool
 from hermux.ledger import LedgerError, SQLiteLedger
+from hermux.lifecycle import HermuxService
+from hermux.metrics import Metrics
 from hermux.probe import KeyProbe
 from hermux.relay import Relay
+from hermux.reload import ConfigReloader
 from hermux.resource import buildRoot
 from hermux.site import HermuxSite
 from hermux.upstream import connectToUpstream, loadTrustRoot, parseUpstreamURL
@@ -100,6 +102,13 @@ class Options(usage.Options):
             "Seconds without a byte from the upstream before a request is aborted.",
             _positive(float),
         ],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "On stop, seconds to let requests in flight finish before aborting them.",
+            _positive(float),
+        ],
     ]
 
     def __init__(self):
@@ -149,44 +158,46 @@ def _openLedger(options, reactor) -> SQLiteLedger:
         raise SystemExit(f"hermux: {e}")
 
 
-def makeService(options, reactor=None) -> MultiService:
+def makeService(options, reactor=None) -> HermuxService:
     """
     Build hermux's service tree from parsed L{Options}.
     """
     if reactor is None:
         from twisted.internet import reactor
     keys, accessTokens = _loadConfiguration(options)
-    hermux = MultiService()
-
-    # First in, so last out: the final counts are written after the rest stops.
+    metrics = Metrics()
     ledger = _openLedger(options, reactor)
-    ledger.setName("ledger")
-    ledger.setServiceParent(hermux)
-
     pool = KeyPool(keys, ledger=ledger, reactor=reactor)
-    pool.setName("keypool")
-    pool.setServiceParent(hermux)
-
+    metrics.watch(pool)
+    access = AccessList(accessTokens)
     upstream = connectToUpstream(
         options["upstream"],
         reactor=reactor,
         trustRoot=options["upstream-ca"],
         connectTimeout=options["connect-timeout"],
     )
-    upstream.setName("upstream")
-    upstream.setServiceParent(hermux)
+    relay = Relay(upstream, pool, idleTimeout=options["idle-timeout"], metrics=metrics, reactor=reactor)
+    root = buildRoot(pool, access, relay, ledger, metrics)
+    site = HermuxSite(root, maxBody=options["max-body"], metrics=metrics, reactor=reactor)
+
+    hermux = HermuxService(site, drainTimeout=options["drain-timeout"], reactor=reactor)
+    # Services stop last-added first: the ledger, added first, writes the
+    # final counts after everything else has stopped.
+    for name, service in (("ledger", ledger), ("keypool", pool), ("upstream", upstream)):
+        service.setName(name)
+        service.setServiceParent(hermux)
     if options["demo"]:
         DemoUpstream(upstream, [key.token for key in keys], reactor=reactor).setServiceParent(hermux)
     if options["probe-keys"]:
         KeyProbe(pool, upstream).setServiceParent(hermux)
-
-    relay = Relay(upstream, pool, idleTimeout=options["idle-timeout"], reactor=reactor)
-    root = buildRoot(pool, AccessList(accessTokens), relay, ledger)
-    site = HermuxSite(root, maxBody=options["max-body"], reactor=reactor)
+    reloader = ConfigReloader(options["tokens"], options["allow"], pool, access, reactor=reactor)
+    reloader.onReload = metrics.reloaded
+    reloader.setName("reloader")
+    reloader.setServiceParent(hermux)
     for description in options["listen"]:
         try:
             listener = strports.service(description, site, reactor=reactor)
         except Exception as e:
             raise SystemExit(f"hermux: --listen {description!r}: {e}")
-        listener.setServiceParent(hermux)
+        hermux.addListener(listener)
     return hermux

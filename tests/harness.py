@@ -21,6 +21,7 @@ from hermux.access import AccessList
 from hermux.config import Key
 from hermux.keypool import KeyPool
 from hermux.ledger import MemoryLedger
+from hermux.metrics import Metrics
 from hermux.relay import Relay
 from hermux.resource import buildRoot
 from hermux.site import HermuxSite
@@ -77,6 +78,8 @@ class Proxy:
     @ivar fake: the fake upstream.
     @ivar site: hermux's site.
     @ivar pool: hermux's key pool.
+    @ivar access: its access list.
+    @ivar metrics: its metrics.
     @ivar ledger: its ledger (in memory unless one is given).
     """
 
@@ -118,9 +121,14 @@ class Proxy:
         self.upstreamBase = upstreamBase
         self.ledger = ledger if ledger is not None else MemoryLedger()
         self.pool = KeyPool(keys, ledger=self.ledger, reactor=reactor)
-        self.relay = Relay(self.upstream, self.pool, idleTimeout=idleTimeout, reactor=reactor)
-        root = buildRoot(self.pool, AccessList(accessTokens), self.relay, self.ledger)
-        self.site = HermuxSite(root, maxBody=maxBody)
+        self.metrics = Metrics()
+        self.metrics.watch(self.pool)
+        self.access = AccessList(accessTokens)
+        self.relay = Relay(
+            self.upstream, self.pool, idleTimeout=idleTimeout, metrics=self.metrics, reactor=reactor
+        )
+        root = buildRoot(self.pool, self.access, self.relay, self.ledger, self.metrics)
+        self.site = HermuxSite(root, maxBody=maxBody, metrics=self.metrics)
         self.port = self._listen(self.site)
         clientPool = HTTPConnectionPool(reactor, persistent=False)
         testCase.addCleanup(clientPool.closeCachedConnections)

@@ -1,0 +1,107 @@
+"""
+hermux's Prometheus metrics, served at C{/hermux/metrics} to clients with an
+access token.  Labels name keys, never their tokens.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+from hermux.keypool import KeyPool, State
+
+# Time to first byte from OpenRouter ranges from milliseconds (an error) to
+# a minute (a long reasoning model).
+TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def statusClass(status) -> str:
+    """
+    "2xx" for 200 and so on; "none" when no status line was sent.
+    """
+    return f"{status // 100}xx" if isinstance(status, int) else "none"
+
+
+class _KeyCollector:
+    """
+    Each key's state and today's counts, read from the pool at scrape time.
+    """
+
+    def __init__(self, pool: KeyPool):
+        self._pool = pool
+
+    def collect(self):
+        state = GaugeMetricFamily(
+            "hermux_key_state", "1 for the state each key is in, 0 for the others.", labels=["key", "state"]
+        )
+        requests = GaugeMetricFamily(
+            "hermux_key_requests_today", "Requests sent with each key today (UTC).", labels=["key"]
+        )
+        limited = GaugeMetricFamily(
+            "hermux_key_rate_limited_today", "Rate-limited answers for each key today (UTC).", labels=["key"]
+        )
+        errors = GaugeMetricFamily(
+            "hermux_key_errors_today", "Other failed requests for each key today (UTC).", labels=["key"]
+        )
+        for status in self._pool.statuses():
+            for each in State:
+                state.add_metric([status.name, each.value], 1 if status.state is each else 0)
+            requests.add_metric([status.name], status.requestsToday)
+            limited.add_metric([status.name], status.rateLimitedToday)
+            errors.add_metric([status.name], status.errorsToday)
+        return [state, requests, limited, errors]
+
+
+class Metrics:
+    """
+    The metrics, in a registry of their own (so that tests and several
+    hermux in one process never share one).
+    """
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hermux_requests",
+            "Client requests answered, by the key that served them and the status class.",
+            ["key", "status"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "hermux_retries",
+            "Requests sent again with another key, by what the first key's answer meant.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.ttfb = Histogram(
+            "hermux_upstream_ttfb_seconds",
+            "Seconds from sending a request upstream to receiving its response head.",
+            buckets=TTFB_BUCKETS,
+            registry=self.registry,
+        )
+        self.inFlight = Gauge(
+            "hermux_requests_in_flight", "Client requests being answered now.", registry=self.registry
+        )
+        self.relayedBytes = Counter(
+            "hermux_relayed_bytes", "Response body bytes sent to clients.", registry=self.registry
+        )
+        self.reloads = Counter(
+            "hermux_config_reloads",
+            "Configuration reloads, by result (ok or rejected).",
+            ["result"],
+            registry=self.registry,
+        )
+        ProcessCollector(registry=self.registry)
+
+    def watch(self, pool: KeyPool) -> None:
+        """
+        Report C{pool}'s keys too.
+        """
+        self.registry.register(_KeyCollector(pool))
+
+    def requestDone(self, keyName: str | None, status, bodyBytes: int) -> None:
+        self.requests.labels(keyName or "none", statusClass(status)).inc()
+        self.relayedBytes.inc(bodyBytes)
+
+    def reloaded(self, succeeded: bool) -> None:
+        self.reloads.labels("ok" if succeeded else "rejected").inc()
