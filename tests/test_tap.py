@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -364,3 +365,28 @@ class TwistdTests(TestCase):
         os.kill(pid, signal.SIGTERM)
         await waitUntil(lambda: not os.path.exists(pidfile), timeout=30)
         self.assertNotIn(b"demo-access-token-change-me", log())
+
+    async def test_syslog(self):
+        """
+        With twistd's --syslog, hermux runs and serves as usual (here on a
+        UNIX socket, since its log does not come back to this test).
+        """
+        directory = tempfile.mkdtemp(prefix="hermux-test-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        socketPath = os.path.join(directory, "hermux.sock")
+        child = self.spawn(
+            "-n", "--syslog", "--prefix", "hermux-test", "hermux", "--demo",
+            "--tokens", "tokens.csv.example", "--allow", "allow.txt.example",
+            "--listen", f"unix:{socketPath}", "--state", self.statePath(),
+        )
+        await waitUntil(lambda: os.path.exists(socketPath), timeout=30)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        client = HTTPClient(Agent.usingEndpointFactory(reactor, _UNIXEndpoints(socketPath), pool))
+        response = await client.get(
+            "http://hermux/v1/models", headers={"Authorization": "Bearer demo-access-token-change-me"}
+        )
+        self.assertEqual(response.code, 200)
+        await response.content()
+        os.kill(child.transport.pid, signal.SIGTERM)
+        self.assertEqual((await child.ended).exitCode, 0)
