@@ -236,9 +236,9 @@ class Relay:
     ):
         if reactor is None:
             from twisted.internet import reactor
-        self._upstream = upstream
-        self._pool = pool
-        self._reactor = reactor
+        self.upstream = upstream
+        self.pool = pool
+        self.reactor = reactor
         self.idleTimeout = idleTimeout
         self.metrics = metrics if metrics is not None else Metrics()
 
@@ -262,7 +262,6 @@ class _Exchange:
 
     def __init__(self, relay: Relay, request, target: bytes):
         self._relay = relay
-        self._pool = relay._pool
         self._request = request
         self._target = target
         self._clientGone = False
@@ -274,52 +273,69 @@ class _Exchange:
         running.cancel()
 
     async def run(self) -> None:
-        request = self._request
         tried: set[str] = set()
         try:
-            while True:
-                try:
-                    key = self._pool.acquire(exclude=tried)
-                except NoKeyAvailable as e:
-                    self._noKeyAvailable(e.usableAt)
-                    return
-                tried.add(key.name)
-                request.keyName = key.name
-                self._watchdog = _Watchdog(self._relay._reactor, self._relay.idleTimeout)
-                response = await self._open(key)
-                if response is None:
-                    return
-                if response.code not in KEY_STATUSES:
-                    self._pool.report(key, classify(response.code, response.headers, b"", self._now()))
-                    self._sendHead(response, key)
-                    await self._relayBody(response)
-                    return
-                body = await self._readErrorBody(response, key)
-                if body is None:
-                    return
-                verdict = classify(response.code, response.headers, body, self._now())
-                self._pool.report(key, verdict)
-                if not verdict.penalizes:
-                    self._sendHead(response, key)
-                    request.write(body)
-                    request.finish()
-                    return
-                self._watchdog.stop()
-                self._relay.metrics.retries.labels(verdict.kind.value).inc()
-                self._log.info(
-                    "{requestId} {method} {path}: key {key} cannot serve ({reason}); trying another",
-                    requestId=getattr(request, "requestId", "-"),
-                    method=request.method.decode("ascii", "replace"),
-                    path=request.path.decode("ascii", "replace"),
-                    key=key.name,
-                    reason=verdict.reason,
-                )
+            while await self._tryNextKey(tried):
+                pass
         finally:
             if self._watchdog is not None:
                 self._watchdog.stop()
 
+    async def _tryNextKey(self, tried: set[str]) -> bool:
+        """
+        Send the request with the best key not tried yet, and answer the
+        client, unless the answer says another key should try: then return
+        C{True}.
+        """
+        try:
+            key = self._relay.pool.acquire(exclude=tried)
+        except NoKeyAvailable as e:
+            self._noKeyAvailable(e.usableAt)
+            return False
+        tried.add(key.name)
+        self._request.keyName = key.name
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        self._watchdog = _Watchdog(self._relay.reactor, self._relay.idleTimeout)
+        response = await self._open(key)
+        if response is None:
+            return False
+        if response.code in KEY_STATUSES:
+            return await self._settleKeyAnswer(response, key)
+        self._relay.pool.report(key, classify(response.code, response.headers, b"", self._now()))
+        self._sendHead(response, key)
+        await self._relayBody(response)
+        return False
+
+    async def _settleKeyAnswer(self, response, key: Key) -> bool:
+        """
+        Read an answer that may be about the key (see L{KEY_STATUSES}) and
+        learn from it; pass it to the client unless another key should try,
+        and then return C{True}.
+        """
+        body = await self._readErrorBody(response, key)
+        if body is None:
+            return False
+        verdict = classify(response.code, response.headers, body, self._now())
+        self._relay.pool.report(key, verdict)
+        if not verdict.penalizes:
+            self._sendHead(response, key)
+            self._request.write(body)
+            self._request.finish()
+            return False
+        self._relay.metrics.retries.labels(verdict.kind.value).inc()
+        self._log.info(
+            "{requestId} {method} {path}: key {key} cannot serve ({reason}); trying another",
+            requestId=self._request.requestId,
+            method=self._request.method.decode("ascii", "replace"),
+            path=self._request.path.decode("ascii", "replace"),
+            key=key.name,
+            reason=verdict.reason,
+        )
+        return True
+
     def _now(self) -> float:
-        return self._relay._reactor.seconds()
+        return self._relay.reactor.seconds()
 
     def _noKeyAvailable(self, usableAt: float | None) -> None:
         request = self._request
@@ -348,7 +364,7 @@ class _Exchange:
         client with an error and return L{None} if there is none.
         """
         request = self._request
-        pending = self._relay._upstream.request(
+        pending = self._relay.upstream.request(
             request.method,
             self._target,
             upstreamHeaders(request.requestHeaders, key.token.encode("ascii")),
@@ -365,7 +381,7 @@ class _Exchange:
                 code, message = 504, "the upstream did not answer in time"
             else:
                 code, message = _describeFailure(Failure())
-            self._pool.report(key, ERROR)
+            self._relay.pool.report(key, ERROR)
             self._answerError(key, code, message)
             return None
         self._relay.metrics.ttfb.observe(self._now() - sent)
@@ -389,7 +405,7 @@ class _Exchange:
         except Exception:
             if self._clientGone:
                 raise
-            self._pool.report(key, ERROR)
+            self._relay.pool.report(key, ERROR)
             self._answerError(key, 502, "the upstream's error answer could not be read")
             return None
 
