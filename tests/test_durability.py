@@ -1,0 +1,141 @@
+"""
+Usage counts survive what a long-running daemon meets: being killed with
+SIGKILL under load, and a state file that stops taking writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from hermux.keypool import dayOf
+from hermux.ledger import SQLiteLedger
+from tests.harness import Proxy, sleep, waitUntil
+from tests.test_tap import CHECKOUT, TWISTD, _Child
+
+DEMO_TOKEN = "demo-access-token-change-me"
+
+
+class KillTests(TestCase):
+    timeout = 120
+
+    def spawn(self, state: str) -> tuple[_Child, object]:
+        child = _Child()
+        process = reactor.spawnProcess(
+            child,
+            TWISTD[0],
+            TWISTD + [
+                "-n", "hermux", "--demo", "--tokens", "tokens.csv.example",
+                "--allow", "allow.txt.example", "--state", state,
+                "--listen", "tcp:0:interface=127.0.0.1",
+            ],
+            env={**os.environ, "PYTHONPATH": CHECKOUT},
+            path=CHECKOUT,
+        )
+        self.addCleanup(lambda: process.pid and process.signalProcess("KILL"))
+        self.addCleanup(lambda: child.ended.addErrback(lambda _: None))
+        return child, process
+
+    async def port(self, child) -> int:
+        await waitUntil(lambda: b"HermuxSite starting on" in child.output, timeout=30)
+        await waitUntil(lambda: b"DEMO MODE" in child.output, timeout=30)
+        return int(re.search(rb"HermuxSite starting on (\d+)", child.output).group(1))
+
+    def client(self) -> HTTPClient:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        return HTTPClient(Agent(reactor, pool=pool))
+
+    async def test_killedUnderLoad(self):
+        """
+        After SIGKILL in the middle of a load, the restarted hermux opens the
+        same state file, which is intact, with every request answered more
+        than a second (and a half, for scheduling slack) before the kill
+        counted, and none counted twice.
+        """
+        state = os.path.abspath(self.mktemp())
+        child, process = self.spawn(state)
+        port = await self.port(child)
+        client = self.client()
+        answeredAt = []
+        headers = {"Authorization": f"Bearer {DEMO_TOKEN}"}
+
+        async def load():
+            while process.pid is not None:
+                try:
+                    response = await client.get(f"http://127.0.0.1:{port}/v1/models", headers=headers)
+                    await response.content()
+                except Exception:
+                    return
+                if response.code == 200:
+                    answeredAt.append(reactor.seconds())
+
+        from twisted.internet.defer import ensureDeferred
+
+        loads = [ensureDeferred(load()) for _ in range(4)]
+        await waitUntil(lambda: answeredAt, timeout=30)
+        await sleep(3.0)
+        killedAt = reactor.seconds()
+        process.signalProcess("KILL")
+        await child.ended.addErrback(lambda _: None)
+        for d in loads:
+            await d
+        check = sqlite3.connect(state)
+        self.assertEqual(check.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+        check.close()
+
+        child, process = self.spawn(state)
+        port = await self.port(child)
+        response = await client.get(f"http://127.0.0.1:{port}/hermux/keys", headers=headers)
+        keys = json.loads(await response.content())["keys"]
+        counted = sum(key["requests_today"] for key in keys)
+        surelyWritten = sum(1 for t in answeredAt if t < killedAt - 1.5)
+        self.assertGreater(surelyWritten, 100)
+        self.assertGreaterEqual(counted, surelyWritten)
+        self.assertLessEqual(counted, len(answeredAt) + 4)
+        os.kill(process.pid, signal.SIGTERM)
+        await child.ended
+
+
+class UnwritableStateTests(TestCase):
+    async def test_keepsProxyingAndReportsIt(self):
+        """
+        While the state file takes no writes, hermux keeps proxying and
+        counting, logs the error once a minute at most, says "degraded" in
+        /hermux/health, and writes everything once it can again.
+        """
+        ledger = SQLiteLedger(os.path.abspath(self.mktemp()), interval=0.05)
+        ledger.startService()
+        self.addCleanup(ledger.stopService)
+        proxy = Proxy(self, ledger=ledger)
+        ledger._connection.execute("PRAGMA query_only = ON")
+        with capturedLogs() as events:
+            for _ in range(5):
+                response = await proxy.chat()
+                await response.content()
+                self.assertEqual(response.code, 200)
+                await sleep(0.1)
+        errors = [e for e in events if "cannot write the state file" in str(e.get("problem"))]
+        self.assertEqual(len(errors), 1)
+        response = await proxy.request("GET", "/hermux/health", token=None)
+        health = json.loads(await response.content())
+        self.assertEqual(response.code, 200)
+        self.assertEqual(health["status"], "degraded")
+        self.assertNotIn(ledger.path, json.dumps(health))
+
+        ledger._connection.execute("PRAGMA query_only = OFF")
+        await waitUntil(lambda: ledger.problem is None)
+        response = await proxy.request("GET", "/hermux/health", token=None)
+        self.assertEqual(json.loads(await response.content())["status"], "ok")
+        stored = sqlite3.connect(ledger.path).execute("SELECT sum(requests) FROM key_usage").fetchone()[0]
+        self.assertEqual(stored, 5)
+        self.assertEqual(sum(u.requests for u in ledger.keyUsage(dayOf(reactor.seconds())).values()), 5)
