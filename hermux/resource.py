@@ -14,7 +14,7 @@ import json
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from hermux.access import AccessList
+from hermux.access import AccessList, AuthThrottle
 from hermux.errors import ErrorResource, renderError
 from hermux.hygiene import BadTarget, upstreamTarget
 from hermux.keypool import KeyPool
@@ -23,6 +23,11 @@ from hermux.relay import Relay
 _NOT_FOUND = ErrorResource(
     404, "not found; hermux serves /api/..., /v1/... and /hermux/health"
 )
+
+# The methods OpenRouter's API uses.  TRACE would echo the request, key
+# included, back to the client from any upstream or middlebox that answers
+# it; CONNECT and the rest have no use here.
+FORWARDED_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
 
 
 class _Directory(Resource):
@@ -48,19 +53,43 @@ class Forward(Resource):
 
     isLeaf = True
 
-    def __init__(self, prefix: bytes, pool: KeyPool, access: AccessList, relay: Relay):
+    def __init__(
+        self,
+        prefix: bytes,
+        pool: KeyPool,
+        access: AccessList,
+        relay: Relay,
+        throttle: AuthThrottle | None = None,
+    ):
         super().__init__()
         self.prefix = prefix
         self._pool = pool
         self._access = access
         self._relay = relay
+        self._throttle = throttle
 
     def render(self, request):
-        client = self._access.authorize(request.getHeader(b"authorization"))
+        peer = request.getClientAddress()
+        if self._throttle is not None:
+            retryAfter = self._throttle.retryAfter(peer)
+            if retryAfter is not None:
+                request.setHeader(b"Retry-After", b"%d" % (retryAfter,))
+                return renderError(
+                    request, 429, "too many failed access tokens from this address; try again later"
+                )
+        authorization = request.requestHeaders.getRawHeaders(b"authorization", [])
+        if len(authorization) > 1:
+            return renderError(request, 400, "more than one Authorization header")
+        client = self._access.authorize(authorization[0] if authorization else None)
         if client is None:
+            if self._throttle is not None:
+                self._throttle.failed(peer)
             request.setHeader(b"WWW-Authenticate", b"Bearer")
             return renderError(request, 401, "missing or unknown access token")
         request.clientLabel = client.label
+        if request.method not in FORWARDED_METHODS:
+            request.setHeader(b"Allow", b", ".join(FORWARDED_METHODS))
+            return renderError(request, 405, "hermux does not forward this method")
         try:
             target = upstreamTarget(self.prefix, request.uri)
         except BadTarget as e:
@@ -93,13 +122,15 @@ class Health(Resource):
         return json.dumps({"status": "ok", "keys": len(self._pool.keys)}).encode()
 
 
-def buildRoot(pool: KeyPool, access: AccessList, relay: Relay) -> Resource:
+def buildRoot(
+    pool: KeyPool, access: AccessList, relay: Relay, throttle: AuthThrottle | None = None
+) -> Resource:
     """
     The resource tree of a hermux server.
     """
     root = _Directory()
-    root.putChild(b"api", Forward(b"", pool, access, relay))
-    root.putChild(b"v1", Forward(b"/api", pool, access, relay))
+    root.putChild(b"api", Forward(b"", pool, access, relay, throttle))
+    root.putChild(b"v1", Forward(b"/api", pool, access, relay, throttle))
     own = _Directory()
     own.putChild(b"health", Health(pool))
     root.putChild(b"hermux", own)
