@@ -8,7 +8,7 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from hermux.access import AccessList
+from hermux.access import AccessList, AuthThrottle
 from hermux.config import ConfigError, checkSeparate, loadAccessTokens, loadKeys
 from hermux.demo import DemoUpstream
 from hermux.keypool import KeyPool
@@ -29,6 +29,16 @@ def _positive(kind):
 
     coerce.coerceDoc = "Must be greater than zero."
     return coerce
+
+
+def _notNegative(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+_notNegative.coerceDoc = "A whole number, 0 or more."
 
 
 class Options(usage.Options):
@@ -85,6 +95,30 @@ class Options(usage.Options):
             300.0,
             "Seconds without a byte from the upstream before a request is aborted.",
             _positive(float),
+        ],
+        [
+            "client-timeout",
+            None,
+            60.0,
+            "Seconds a client may take to send a request (head and body), "
+            "and may stay idle between requests, before it gets 408 or is "
+            "disconnected.",
+            _positive(float),
+        ],
+        [
+            "max-connections",
+            None,
+            1024,
+            "Most client connections open at once; more get 503.",
+            _positive(int),
+        ],
+        [
+            "auth-failures",
+            None,
+            10,
+            "Failed access tokens allowed per client address per minute "
+            "before that address gets 429 (0: no limit).",
+            _notNegative,
         ],
     ]
 
@@ -153,8 +187,17 @@ def makeService(options, reactor=None) -> MultiService:
         DemoUpstream(upstream, [key.token for key in keys], reactor=reactor).setServiceParent(hermux)
 
     relay = Relay(upstream, idleTimeout=options["idle-timeout"], reactor=reactor)
-    root = buildRoot(pool, AccessList(accessTokens), relay)
-    site = HermuxSite(root, maxBody=options["max-body"], reactor=reactor)
+    access = AccessList(accessTokens)
+    throttle = AuthThrottle(options["auth-failures"], reactor=reactor)
+    root = buildRoot(pool, access, relay, throttle)
+    site = HermuxSite(
+        root,
+        maxBody=options["max-body"],
+        clientTimeout=options["client-timeout"],
+        maxConnections=options["max-connections"],
+        access=access,
+        reactor=reactor,
+    )
     for description in options["listen"]:
         try:
             listener = strports.service(description, site, reactor=reactor)

@@ -17,7 +17,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from hermux.access import AccessList
+from hermux.access import AccessList, AuthThrottle
 from hermux.config import Key
 from hermux.keypool import KeyPool
 from hermux.relay import Relay
@@ -76,6 +76,7 @@ class Proxy:
     @ivar fake: the fake upstream.
     @ivar site: hermux's site.
     @ivar pool: hermux's key pool.
+    @ivar throttle: hermux's throttle of failed access tokens.
     """
 
     def __init__(
@@ -92,6 +93,9 @@ class Proxy:
         eventClock=None,
         eventInterval: float = 0.0,
         upstreamCertificate=None,
+        clientTimeout: float | None = 60.0,
+        maxConnections: int = 1024,
+        authFailures: int = 10,
     ):
         self._testCase = testCase
         self.fake = FakeOpenRouter(
@@ -115,8 +119,16 @@ class Proxy:
         self.upstreamBase = upstreamBase
         self.pool = KeyPool(keys)
         self.relay = Relay(self.upstream, idleTimeout=idleTimeout, reactor=reactor)
-        root = buildRoot(self.pool, AccessList(accessTokens), self.relay)
-        self.site = HermuxSite(root, maxBody=maxBody)
+        access = AccessList(accessTokens)
+        self.throttle = AuthThrottle(authFailures)
+        root = buildRoot(self.pool, access, self.relay, self.throttle)
+        self.site = HermuxSite(
+            root,
+            maxBody=maxBody,
+            clientTimeout=clientTimeout,
+            maxConnections=maxConnections,
+            access=access,
+        )
         self.port = self._listen(self.site)
         clientPool = HTTPConnectionPool(reactor, persistent=False)
         testCase.addCleanup(clientPool.closeCachedConnections)
