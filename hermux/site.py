@@ -231,8 +231,17 @@ class HermuxChannel(http.HTTPChannel):
         # Content-Length and Transfer-Encoding, or either twice).
         self.refuse(400, "the request is malformed")
 
+    def timeoutConnection(self):
+        # The idle timeout, restarted by every byte: it can only come first
+        # when a request's first byte and its deadline are as old.
+        if self.refused:
+            return
+        if self._deadline is not None:
+            return self._tooSlow()
+        super().timeoutConnection()
+
     def _tooSlow(self):
-        self._deadline = None
+        self._stopDeadline()
         self.refuse(
             408, f"the request did not arrive within {self.site.timeOut:g} seconds"
         )
@@ -252,6 +261,7 @@ class HermuxChannel(http.HTTPChannel):
             return
         self.refused = True
         self._stopDeadline()
+        self.setTimeout(None)
         body = errorBody(code, message)
         head = [
             b"HTTP/1.1 %d %s\r\n" % (code, reasonPhrase(code)),

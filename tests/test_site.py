@@ -318,6 +318,18 @@ class ClientTimeoutTests(ChannelTestCase):
             self.clock.advance(1)
         self.assertRefused(408)
 
+    def test_partialRequestThenSilence(self):
+        """
+        A partial request followed by silence gets 408, not a silent close,
+        though the idle timeout falls due at the same moment; and nothing
+        is left scheduled once the connection is gone.
+        """
+        self.channel.dataReceived(b"GET /api/v1/models HTTP/1.1\r\n")
+        self.clock.advance(CLIENT_TIMEOUT)
+        self.assertRefused(408)
+        self.channel.connectionLost(_CLOSED)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_aRequestInTimeIsServed(self):
         """
         The deadline ends when the request is complete: forwarding and
