@@ -8,6 +8,7 @@ requests with an error in OpenRouter's shape.
 from __future__ import annotations
 
 import re
+import resource
 from io import BytesIO
 
 from twisted.logger import Logger
@@ -334,3 +335,32 @@ class HermuxSite(server.Site):
 
     def log(self, request):
         pass
+
+
+def ensureFileLimit(maxConnections: int) -> int:
+    """
+    Raise this process's soft limit of open files, if it must and may, to
+    what C{maxConnections} clients need: a socket each, another to the
+    upstream while their request is forwarded, and some to spare.  Past
+    the limit hermux could neither accept clients nor reach the upstream.
+
+    @return: the soft limit now; lower than needed if the hard limit is.
+    """
+    needed = 2 * maxConnections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < needed:
+        Logger().warn(
+            "--max-connections {maxConnections} needs {needed} open files but the "
+            "limit is {soft}: lower --max-connections or raise the limit (ulimit -n, "
+            "LimitNOFILE= under systemd)",
+            maxConnections=maxConnections,
+            needed=needed,
+            soft=soft,
+        )
+    return soft

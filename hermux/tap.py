@@ -14,7 +14,7 @@ from hermux.demo import DemoUpstream
 from hermux.keypool import KeyPool
 from hermux.relay import Relay
 from hermux.resource import buildRoot
-from hermux.site import HermuxSite
+from hermux.site import HermuxSite, ensureFileLimit
 from hermux.upstream import connectToUpstream, loadTrustRoot, parseUpstreamURL
 
 DEFAULT_LISTEN = "tcp:3333:interface=127.0.0.1"
@@ -198,6 +198,7 @@ def makeService(options, reactor=None) -> MultiService:
         access=access,
         reactor=reactor,
     )
+    ensureFileLimit(options["max-connections"])
     for description in options["listen"]:
         try:
             listener = strports.service(description, site, reactor=reactor)

@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent
@@ -23,7 +24,8 @@ from hermux.config import Key
 from hermux.keypool import KeyPool
 from hermux.relay import Relay
 from hermux.resource import buildRoot
-from hermux.site import MAX_HEAD_BYTES, MAX_HEADERS, HermuxChannel, HermuxSite
+from hermux import site as site_module
+from hermux.site import MAX_HEAD_BYTES, MAX_HEADERS, HermuxChannel, HermuxSite, ensureFileLimit
 from hermux.upstream import Upstream
 from tests.rawhttp import splitResponse
 
@@ -447,3 +449,33 @@ class ThrottleTests(ChannelTestCase):
         channel, client = self.connect()
         channel.dataReceived(b"GET /hermux/health HTTP/1.1\r\n\r\n")
         self.assertEqual(splitResponse(client.value())[0], 200)
+
+
+class FileLimitTests(SynchronousTestCase):
+    """
+    L{ensureFileLimit} makes room for --max-connections when it can.
+    """
+
+    def limits(self, soft, hard):
+        calls = []
+        self.patch(site_module.resource, "getrlimit", lambda which: (soft, hard))
+        self.patch(site_module.resource, "setrlimit", lambda which, limits: calls.append(limits))
+        return calls
+
+    def test_enough(self):
+        calls = self.limits(100_000, 100_000)
+        self.assertEqual(ensureFileLimit(1024), 100_000)
+        self.assertEqual(calls, [])
+
+    def test_raised(self):
+        calls = self.limits(1024, 524288)
+        self.assertEqual(ensureFileLimit(1024), 2 * 1024 + 256)
+        self.assertEqual(calls, [(2 * 1024 + 256, 524288)])
+
+    def test_hardLimitTooLow(self):
+        calls = self.limits(256, 1024)
+        with capturedLogs() as events:
+            self.assertEqual(ensureFileLimit(1024), 1024)
+        self.assertEqual(calls, [(1024, 1024)])
+        [warning] = events
+        self.assertIn("--max-connections", formatEvent(warning))
