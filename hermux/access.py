@@ -135,13 +135,15 @@ class AuthThrottle:
             return None
         return max(1, math.ceil(wait))
 
-    def failed(self, address) -> None:
+    def failed(self, address) -> bool:
         """
         Count a failed access token from C{address}.
+
+        @return: whether this failure is the one that throttles it.
         """
         key = self._addressKey(address)
         if not self.failures or key is None:
-            return
+            return False
         times = self._failed.pop(key, None)
         if times is None:
             times = deque(maxlen=self.failures)
@@ -149,6 +151,7 @@ class AuthThrottle:
         self._failed[key] = times
         while len(self._failed) > self._maxAddresses:
             self._failed.popitem(last=False)
+        return self.retryAfter(address) is not None
 
     def __len__(self) -> int:
         """

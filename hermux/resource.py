@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
@@ -52,6 +53,7 @@ class Forward(Resource):
     """
 
     isLeaf = True
+    _log = Logger()
 
     def __init__(
         self,
@@ -82,8 +84,14 @@ class Forward(Resource):
             return renderError(request, 400, "more than one Authorization header")
         client = self._access.authorize(authorization[0] if authorization else None)
         if client is None:
-            if self._throttle is not None:
-                self._throttle.failed(peer)
+            if self._throttle is not None and self._throttle.failed(peer):
+                self._log.warn(
+                    "throttling {host}: {failures} failed access tokens within "
+                    "{window:g} seconds",
+                    host=getattr(peer, "host", "?"),
+                    failures=self._throttle.failures,
+                    window=self._throttle.window,
+                )
             request.setHeader(b"WWW-Authenticate", b"Bearer")
             return renderError(request, 401, "missing or unknown access token")
         request.clientLabel = client.label

@@ -286,7 +286,8 @@ class AuthThrottleTests(SynchronousTestCase):
         """
         self.fail("192.0.2.1")
         self.clock.advance(10)
-        self.fail("192.0.2.1", 2)
+        self.assertFalse(self.throttle.failed(_address("192.0.2.1")))
+        self.assertTrue(self.throttle.failed(_address("192.0.2.1")))
         self.assertEqual(self.throttle.retryAfter(_address("192.0.2.1")), 50)
         self.clock.advance(49.5)
         self.assertEqual(self.throttle.retryAfter(_address("192.0.2.1")), 1)

@@ -442,6 +442,15 @@ class ThrottleTests(ChannelTestCase):
         self.ask(ACCESS_TOKEN)
         self.assertEqual(len(self.agent.requests), 2)
 
+    def test_throttlingIsLoggedOnce(self):
+        self.channel.connectionLost(_CLOSED)
+        with capturedLogs() as events:
+            for _ in range(5):
+                self.ask(b"wrong-" + ACCESS_TOKEN)
+        [warning] = [e for e in events if "throttling" in e.get("log_format", "")]
+        self.assertEqual(formatEvent(warning), "throttling 192.0.2.7: 3 failed access tokens within 60 seconds")
+        self.assertNotIn(ACCESS_TOKEN.decode(), repr(events))
+
     def test_healthIsNotThrottled(self):
         self.channel.connectionLost(_CLOSED)
         for _ in range(4):
