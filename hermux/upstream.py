@@ -110,9 +110,9 @@ class Upstream(Service):
 class _GuardedClientProtocol(HTTP11ClientProtocol):
     """
     Twisted's HTTP/1.1 client, stricter about response heads: a status line
-    that could not be relayed as it is, or a head larger than
-    L{MAX_UPSTREAM_HEAD_BYTES} (which Twisted would buffer without limit),
-    fails the request as an invalid response.
+    that could not be relayed as it is, a NUL in a header, or a head larger
+    than L{MAX_UPSTREAM_HEAD_BYTES} (which Twisted would buffer without
+    limit), fails the request as an invalid response.
     """
 
     def request(self, request):
@@ -138,6 +138,10 @@ def _guardParser(parser) -> None:
             seen += len(line) + 1
             if seen > MAX_UPSTREAM_HEAD_BYTES:
                 raise ParseError("response head too large", line[:64])
+            if b"\x00" in line:
+                # RFC 9110 section 5.5: reject it or replace it; Twisted
+                # would relay it to the client.
+                raise ParseError("NUL in the response head", line[:64])
         lineReceived(line)
 
     parser.statusReceived = checkedStatusReceived

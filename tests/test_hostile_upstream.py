@@ -104,6 +104,9 @@ class BrokenHeadTests(UpstreamFaultTestCase):
             b"HTTP/1.1 200 OK\rSet-Cookie: injected=1\r\nContent-Length: 2\r\n\r\n{}",
             b"HTTP/1.1 200 OK\x00injected\r\nContent-Length: 2\r\n\r\n{}",
             b"HTTP/9.9 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\nX Space: injected\r\nContent-Length: 2\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\nX-Nul: a\x00injected\r\nContent-Length: 2\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\nNo colon, injected\r\nContent-Length: 2\r\n\r\n{}",
             b"\r\n\r\n",
         ):
 
