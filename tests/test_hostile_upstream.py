@@ -85,12 +85,13 @@ class BrokenHeadTests(UpstreamFaultTestCase):
         await self.assertCleanError(proxy, 502, "invalid response")
         await waitUntil(lambda: not upstream.open)
 
-    async def test_garbageStatusLines(self):
+    async def test_garbageHeads(self):
         """
-        Status lines that are not HTTP/1.x with a three-digit status get
-        502.  Twisted's own parser takes any integer and any reason phrase,
-        and its server side would write them back to the client as they
-        are: a status of 12345, or a bare CR in the phrase that splits the
+        Status lines that are not HTTP/1.x with a three-digit status, and
+        header lines that are not name: value or hold a NUL, get 502.
+        Twisted's own parser takes any integer and any reason phrase, and
+        its server side would write them back to the client as they are: a
+        status of 12345, or a bare CR in the phrase that splits the
         client's response head.
         """
         for garbage in (
