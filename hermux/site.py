@@ -165,7 +165,7 @@ class HermuxChannel(http.HTTPChannel):
         if (
             self._deadline is None
             and not self._handlingRequest
-            and data
+            and data.strip(b"\r\n")
             and self.site.timeOut
         ):
             self._deadline = self.callLater(self.site.timeOut, self._tooSlow)
@@ -190,7 +190,7 @@ class HermuxChannel(http.HTTPChannel):
                 self._inHead = False
             elif line[:1] in b" \t":
                 return self.refuse(
-                    400, "obsolete line folding (a header line starting with a space) is not accepted"
+                    400, "obsolete line folding (a header line starting with a space or tab) is not accepted"
                 )
             else:
                 self._headLines += 1

@@ -358,6 +358,18 @@ class ClientTimeoutTests(ChannelTestCase):
         self.assertEqual(self.client.value().count(b"HTTP/1.1 200 OK"), 3)
         self.assertFalse(self.client.disconnecting)
 
+    def test_strayLineEndsStartNoDeadline(self):
+        """
+        The empty line some clients send after a request's body is not the
+        start of another request: the connection just idles out, without
+        a 408 nobody asked for.
+        """
+        self.channel.dataReceived(b"GET /hermux/health HTTP/1.1\r\n\r\n\r\n")
+        answered = self.client.value()
+        self.clock.advance(CLIENT_TIMEOUT)
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.client.value(), answered)
+
     def test_noDeadlineWithoutTimeout(self):
         site = HermuxSite(self.site.resource, maxBody=MAX_BODY, clientTimeout=None, reactor=self.clock)
         channel = site.buildProtocol(None)
