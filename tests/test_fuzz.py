@@ -236,6 +236,9 @@ class FuzzProperties:
         rest = answer
         while rest.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):
             rest = rest[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+        if not rest:
+            # Told to go on with a body that never came.
+            return
         self.assertTrue(re.match(rb"HTTP/1\.[01] ", rest), answer[:200])
         status, headers, body = splitResponse(rest)
         self.assertTrue(100 <= status <= 599, status)
@@ -251,11 +254,16 @@ class FuzzProperties:
         self.assertIn(TOKEN, data)
         self.assertTrue(request.target.startswith(b"/api/"), request.target)
         self.assertIn(request.method, FORWARDED_METHODS)
-        clientTarget = request.target
-        if b" " + clientTarget + b" HTTP/1." not in data:
-            self.assertTrue(clientTarget.startswith(b"/api/v1/"), clientTarget)
-            clientTarget = clientTarget[len(b"/api") :]
-        self.assertIn(request.method + b" " + clientTarget + b" HTTP/1.", data)
+        sentAs = [request.target]
+        if request.target.startswith(b"/api/v1/"):
+            sentAs.append(request.target[len(b"/api") :])
+        if b"?" not in request.target:
+            # Twisted's Agent drops the "?" of an empty query.
+            sentAs += [target + b"?" for target in sentAs]
+        self.assertTrue(
+            any(request.method + b" " + target + b" HTTP/1." in data for target in sentAs),
+            (request.method, request.target),
+        )
         self.assertEqual(len(request.values(b"authorization")), 1)
         self.assertIn(request.values(b"authorization")[0][len(b"Bearer ") :], KEY_TOKENS)
         sent = clientHeaderLines(data)
