@@ -6,9 +6,12 @@ send in their C{Authorization} header.
 from __future__ import annotations
 
 import hashlib
+import math
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 import attr
+from twisted.internet.address import IPv4Address, IPv6Address
 
 
 @attr.frozen
@@ -36,12 +39,18 @@ def clientLabel(token: str) -> str:
 def presentedToken(authorization: bytes | None) -> bytes | None:
     """
     The token in an C{Authorization} header value, which is either
-    C{Bearer <token>} or the bare token.
+    C{Bearer <token>} or the bare token, alone.
     """
     if authorization is None:
         return None
     scheme, _, rest = authorization.strip().partition(b" ")
-    token = rest.strip() if scheme.lower() == b"bearer" else scheme
+    if scheme.lower() == b"bearer":
+        token = rest.strip()
+    elif rest.strip():
+        # A bare token followed by anything else is not a bare token.
+        return None
+    else:
+        token = scheme
     return token or None
 
 
@@ -81,3 +90,81 @@ class AccessList:
         if token is None:
             return None
         return self._clients.get(_digest(token))
+
+
+class AuthThrottle:
+    """
+    Counts failed access tokens per client address and throttles an
+    address with C{failures} failures within the last C{window} seconds.
+
+    A throttled address is refused without its token being looked at,
+    valid or not: otherwise a throttled guesser would still learn which of
+    its guesses is right.  Other addresses are not affected.  Connections
+    without an IP address (UNIX sockets) are never throttled.  At most
+    C{maxAddresses} addresses are remembered, the least recently failed
+    being forgotten first.
+
+    @param failures: failures allowed per window; 0 turns throttling off.
+    """
+
+    def __init__(
+        self,
+        failures: int,
+        window: float = 60.0,
+        *,
+        maxAddresses: int = 10_000,
+        reactor=None,
+    ):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.failures = failures
+        self.window = window
+        self._maxAddresses = maxAddresses
+        self._reactor = reactor
+        self._failed: OrderedDict[str, deque[float]] = OrderedDict()
+
+    @staticmethod
+    def _addressKey(address) -> str | None:
+        if isinstance(address, (IPv4Address, IPv6Address)):
+            return address.host
+        return None
+
+    def retryAfter(self, address) -> int | None:
+        """
+        The whole number of seconds until C{address} may try again, or
+        L{None} if it is not throttled.
+        """
+        key = self._addressKey(address)
+        if not self.failures or key is None:
+            return None
+        times = self._failed.get(key)
+        if times is None or len(times) < self.failures:
+            return None
+        wait = times[0] + self.window - self._reactor.seconds()
+        if wait <= 0:
+            return None
+        return max(1, math.ceil(wait))
+
+    def failed(self, address) -> bool:
+        """
+        Count a failed access token from C{address}.
+
+        @return: whether this failure is the one that throttles it.
+        """
+        key = self._addressKey(address)
+        if not self.failures or key is None:
+            return False
+        times = self._failed.pop(key, None)
+        if times is None:
+            times = deque(maxlen=self.failures)
+        times.append(self._reactor.seconds())
+        self._failed[key] = times
+        while len(self._failed) > self._maxAddresses:
+            self._failed.popitem(last=False)
+        return self.retryAfter(address) is not None
+
+    def __len__(self) -> int:
+        """
+        How many addresses are remembered.
+        """
+        return len(self._failed)

@@ -10,7 +10,21 @@ from __future__ import annotations
 
 import json
 
+from twisted.web import http
 from twisted.web.resource import Resource
+
+# Reason phrases Twisted does not know.
+_PHRASES = {
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+}
+
+
+def reasonPhrase(code: int) -> bytes:
+    """
+    The reason phrase for a status hermux answers with.
+    """
+    return _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
 
 
 def errorBody(code: int, message: str) -> bytes:
@@ -22,7 +36,7 @@ def renderError(request, code: int, message: str) -> bytes:
     Set up C{request} for an error response and return its body, for a
     C{render} method to return.
     """
-    request.setResponseCode(code)
+    request.setResponseCode(code, reasonPhrase(code))
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"X-Hermux-Error", b"%d" % (code,))
     body = errorBody(code, message)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from hermux.access import AccessList, Client
+from hermux.access import AccessList, AuthThrottle, Client
 from hermux.errors import ErrorResource, renderError
 from hermux.hygiene import BadTarget, upstreamTarget
 from hermux.keypool import KeyPool, KeyStatus, isoTime
@@ -24,8 +25,15 @@ from hermux.metrics import Metrics
 from hermux.relay import Relay
 
 _NOT_FOUND = ErrorResource(
-    404, "not found; hermux serves /api/..., /v1/..., /hermux/health and /hermux/keys"
+    404,
+    "not found; hermux serves /api/..., /v1/..., /hermux/health, /hermux/keys "
+    "and /hermux/metrics",
 )
+
+# The methods OpenRouter's API uses.  TRACE would echo the request, key
+# included, back to the client from any upstream or middlebox that answers
+# it; CONNECT and the rest have no use here.
+FORWARDED_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
 
 
 class _Directory(Resource):
@@ -41,43 +49,106 @@ class _Directory(Resource):
         return _NOT_FOUND.render(request)
 
 
-def authorized(request, access: AccessList) -> Client | None:
+class Refusal(Exception):
     """
-    The client a request comes from, or L{None} after setting the request
-    up for a 401 answer.
+    A request the L{Gate} turned away; C{body} is the answer to render, the
+    request being set up for it already.
     """
-    client = access.authorize(request.getHeader(b"authorization"))
-    if client is None:
-        request.setHeader(b"WWW-Authenticate", b"Bearer")
-    else:
+
+    def __init__(self, body: bytes):
+        super().__init__()
+        self.body = body
+
+
+class Gate:
+    """
+    Lets in requests with exactly one valid access token, and throttles
+    addresses that keep presenting wrong ones (see L{AuthThrottle}).
+    """
+
+    _log = Logger()
+
+    def __init__(self, access: AccessList, throttle: AuthThrottle | None = None):
+        self.access = access
+        self.throttle = throttle
+
+    def admit(self, request) -> Client:
+        """
+        The client C{request} comes from.
+
+        @raise Refusal: if it may not come in.
+        """
+        peer = request.getClientAddress()
+        if self.throttle is not None:
+            retryAfter = self.throttle.retryAfter(peer)
+            if retryAfter is not None:
+                request.setHeader(b"Retry-After", b"%d" % (retryAfter,))
+                raise Refusal(
+                    renderError(
+                        request,
+                        429,
+                        "too many failed access tokens from this address; try again later",
+                    )
+                )
+        authorization = request.requestHeaders.getRawHeaders(b"authorization", [])
+        if len(authorization) > 1:
+            raise Refusal(renderError(request, 400, "more than one Authorization header"))
+        client = self.access.authorize(authorization[0] if authorization else None)
+        if client is None:
+            if self.throttle is not None and self.throttle.failed(peer):
+                self._log.warn(
+                    "throttling {host}: {failures} failed access tokens within {window:g} seconds",
+                    host=getattr(peer, "host", "?"),
+                    failures=self.throttle.failures,
+                    window=self.throttle.window,
+                )
+            request.setHeader(b"WWW-Authenticate", b"Bearer")
+            raise Refusal(renderError(request, 401, "missing or unknown access token"))
         request.clientLabel = client.label
-    return client
+        return client
 
 
-_UNAUTHORIZED = "missing or unknown access token"
-
-
-class Forward(Resource):
+class _Guarded(Resource):
     """
-    Forwards authorized requests upstream.
+    A leaf for clients the L{Gate} lets in: subclasses answer them in
+    C{renderFor}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gate: Gate):
+        super().__init__()
+        self.gate = gate
+
+    def render(self, request):
+        try:
+            client = self.gate.admit(request)
+        except Refusal as refusal:
+            return refusal.body
+        return self.renderFor(request, client)
+
+    def renderFor(self, request, client: Client):
+        raise NotImplementedError()
+
+
+class Forward(_Guarded):
+    """
+    Forwards requests upstream.
 
     @ivar prefix: what to put before the client's request target to make the
         upstream's (C{b"/api"} for the C{/v1} alias).
     """
 
-    isLeaf = True
-
-    def __init__(self, prefix: bytes, pool: KeyPool, access: AccessList, relay: Relay):
-        super().__init__()
+    def __init__(self, prefix: bytes, pool: KeyPool, gate: Gate, relay: Relay):
+        super().__init__(gate)
         self.prefix = prefix
         self._pool = pool
-        self._access = access
         self._relay = relay
 
-    def render(self, request):
-        client = authorized(request, self._access)
-        if client is None:
-            return renderError(request, 401, _UNAUTHORIZED)
+    def renderFor(self, request, client):
+        if request.method not in FORWARDED_METHODS:
+            request.setHeader(b"Allow", b", ".join(FORWARDED_METHODS))
+            return renderError(request, 405, "hermux does not forward this method")
         try:
             target = upstreamTarget(self.prefix, request.uri)
         except BadTarget as e:
@@ -87,47 +158,39 @@ class Forward(Resource):
         return server.NOT_DONE_YET
 
 
+def _readOnly(request) -> bytes | None:
+    """
+    The error for anything but GET or HEAD, or for a path below the
+    resource; L{None} if there is none.
+    """
+    if request.postpath:
+        return _NOT_FOUND.render(request)
+    if request.method not in (b"GET", b"HEAD"):
+        request.setHeader(b"Allow", b"GET, HEAD")
+        return renderError(request, 405, "use GET")
+    return None
+
+
 def _json(request, payload) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
     return json.dumps(payload).encode("utf-8")
 
 
-def _readOnly(render):
+class Keys(_Guarded):
     """
-    Answer only GET and HEAD, with a JSON error for anything else or for a
-    path below the resource.
-    """
-
-    def guarded(self, request):
-        if request.postpath:
-            return _NOT_FOUND.render(request)
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"Allow", b"GET, HEAD")
-            return renderError(request, 405, "use GET")
-        return render(self, request)
-
-    return guarded
-
-
-class Keys(Resource):
-    """
-    C{/hermux/keys}: each key's state and today's counts, for clients with
-    an access token.  Never a key's token.
+    C{/hermux/keys}: each key's state and today's counts.  Never a key's
+    token.
     """
 
-    isLeaf = True
-
-    def __init__(self, pool: KeyPool, access: AccessList):
-        super().__init__()
+    def __init__(self, pool: KeyPool, gate: Gate):
+        super().__init__(gate)
         self._pool = pool
-        self._access = access
 
-    @_readOnly
-    def render(self, request):
-        if authorized(request, self._access) is None:
-            return renderError(request, 401, _UNAUTHORIZED)
-        return _json(request, {"keys": [_describe(status) for status in self._pool.statuses()]})
+    def renderFor(self, request, client):
+        return _readOnly(request) or _json(
+            request, {"keys": [_describe(status) for status in self._pool.statuses()]}
+        )
 
 
 def _describe(status: KeyStatus) -> dict:
@@ -143,23 +206,20 @@ def _describe(status: KeyStatus) -> dict:
     }
 
 
-class MetricsPage(Resource):
+class MetricsPage(_Guarded):
     """
-    C{/hermux/metrics}: the Prometheus exposition, for clients with an
-    access token (a scrape config's C{authorization: credentials:}).
+    C{/hermux/metrics}: the Prometheus exposition (a scrape config sends the
+    access token with C{authorization: credentials:}).
     """
 
-    isLeaf = True
-
-    def __init__(self, metrics: Metrics, access: AccessList):
-        super().__init__()
+    def __init__(self, metrics: Metrics, gate: Gate):
+        super().__init__(gate)
         self._metrics = metrics
-        self._access = access
 
-    @_readOnly
-    def render(self, request):
-        if authorized(request, self._access) is None:
-            return renderError(request, 401, _UNAUTHORIZED)
+    def renderFor(self, request, client):
+        refused = _readOnly(request)
+        if refused is not None:
+            return refused
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
         return generate_latest(self._metrics.registry)
@@ -179,8 +239,10 @@ class Health(Resource):
         self._pool = pool
         self._ledger = ledger
 
-    @_readOnly
     def render(self, request):
+        refused = _readOnly(request)
+        if refused is not None:
+            return refused
         health = {"status": "ok", "keys": len(self._pool.keys)}
         if self._ledger is not None and self._ledger.problem is not None:
             health.update(status="degraded", problem="usage counts cannot be written to the state file")
@@ -193,17 +255,19 @@ def buildRoot(
     relay: Relay,
     ledger: ILedger | None = None,
     metrics: Metrics | None = None,
+    throttle: AuthThrottle | None = None,
 ) -> Resource:
     """
     The resource tree of a hermux server.
     """
+    gate = Gate(access, throttle)
     root = _Directory()
-    root.putChild(b"api", Forward(b"", pool, access, relay))
-    root.putChild(b"v1", Forward(b"/api", pool, access, relay))
+    root.putChild(b"api", Forward(b"", pool, gate, relay))
+    root.putChild(b"v1", Forward(b"/api", pool, gate, relay))
     own = _Directory()
     own.putChild(b"health", Health(pool, ledger))
-    own.putChild(b"keys", Keys(pool, access))
+    own.putChild(b"keys", Keys(pool, gate))
     if metrics is not None:
-        own.putChild(b"metrics", MetricsPage(metrics, access))
+        own.putChild(b"metrics", MetricsPage(metrics, gate))
     root.putChild(b"hermux", own)
     return root

@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.application import strports
 from twisted.python import usage
 
-from hermux.access import AccessList
+from hermux.access import AccessList, AuthThrottle
 from hermux.config import ConfigError, checkSeparate, loadAccessTokens, loadKeys
 from hermux.demo import DemoUpstream
 from hermux.keypool import KeyPool
@@ -18,7 +18,7 @@ from hermux.probe import KeyProbe
 from hermux.relay import Relay
 from hermux.reload import ConfigReloader
 from hermux.resource import buildRoot
-from hermux.site import HermuxSite
+from hermux.site import HermuxSite, ensureFileLimit
 from hermux.upstream import connectToUpstream, loadTrustRoot, parseUpstreamURL
 
 DEFAULT_LISTEN = "tcp:3333:interface=127.0.0.1"
@@ -33,6 +33,16 @@ def _positive(kind):
 
     coerce.coerceDoc = "Must be greater than zero."
     return coerce
+
+
+def _notNegative(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+_notNegative.coerceDoc = "A whole number, 0 or more."
 
 
 class Options(usage.Options):
@@ -109,6 +119,30 @@ class Options(usage.Options):
             "On stop, seconds to let requests in flight finish before aborting them.",
             _positive(float),
         ],
+        [
+            "client-timeout",
+            None,
+            60.0,
+            "Seconds a client may take to send a request (head and body), "
+            "and may stay idle between requests, before it gets 408 or is "
+            "disconnected.",
+            _positive(float),
+        ],
+        [
+            "max-connections",
+            None,
+            1024,
+            "Most client connections open at once; more get 503.",
+            _positive(int),
+        ],
+        [
+            "auth-failures",
+            None,
+            10,
+            "Failed access tokens allowed per client address per minute "
+            "before that address gets 429 (0: no limit).",
+            _notNegative,
+        ],
     ]
 
     def __init__(self):
@@ -177,8 +211,18 @@ def makeService(options, reactor=None) -> HermuxService:
         connectTimeout=options["connect-timeout"],
     )
     relay = Relay(upstream, pool, idleTimeout=options["idle-timeout"], metrics=metrics, reactor=reactor)
-    root = buildRoot(pool, access, relay, ledger, metrics)
-    site = HermuxSite(root, maxBody=options["max-body"], metrics=metrics, reactor=reactor)
+    throttle = AuthThrottle(options["auth-failures"], reactor=reactor)
+    root = buildRoot(pool, access, relay, ledger, metrics, throttle)
+    site = HermuxSite(
+        root,
+        maxBody=options["max-body"],
+        clientTimeout=options["client-timeout"],
+        maxConnections=options["max-connections"],
+        access=access,
+        metrics=metrics,
+        reactor=reactor,
+    )
+    ensureFileLimit(options["max-connections"])
 
     hermux = HermuxService(site, drainTimeout=options["drain-timeout"], reactor=reactor)
     # Services stop last-added first: the ledger, added first, writes the

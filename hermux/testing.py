@@ -292,6 +292,7 @@ def _peerText(address) -> str:
 class _FakeSite(Site):
     protocol = HermuxChannel
     noisy = False
+    maxConnections = 1_000_000
 
     def __init__(self, fake, reactor=None):
         super().__init__(fake, reactor=reactor)

@@ -5,6 +5,7 @@ reaches it over persistent, verified connections.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
@@ -15,7 +16,17 @@ from twisted.web.client import (
     HTTPConnectionPool,
     _HTTP11ClientFactory,
 )
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol, ParseError
 from twisted.web.iweb import IAgent
+
+# The most of a response head hermux reads from the upstream: nginx's
+# default for a proxied response head is 4 or 8 KiB.
+MAX_UPSTREAM_HEAD_BYTES = 65536
+
+# A status line hermux can relay as it is: Twisted's parser takes any
+# integer as a status code (12345, -1, 2_00) and any bytes as the reason
+# phrase, a bare CR included, and the server side writes both back out.
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [\t\x20-\x7e\x80-\xff]*)?")
 
 
 def parseUpstreamURL(text: str) -> bytes:
@@ -96,13 +107,57 @@ class Upstream(Service):
         return self.agent.request(method, self.base + target, headers, bodyProducer)
 
 
+class _GuardedClientProtocol(HTTP11ClientProtocol):
+    """
+    Twisted's HTTP/1.1 client, stricter about response heads: a status line
+    that could not be relayed as it is, a NUL in a header, or a head larger
+    than L{MAX_UPSTREAM_HEAD_BYTES} (which Twisted would buffer without
+    limit), fails the request as an invalid response.
+    """
+
+    def request(self, request):
+        result = super().request(request)
+        if self._parser is not None:
+            _guardParser(self._parser)
+        return result
+
+
+def _guardParser(parser) -> None:
+    seen = 0
+    statusReceived = parser.statusReceived
+    lineReceived = parser.lineReceived
+
+    def checkedStatusReceived(status):
+        if not _STATUS_LINE.fullmatch(status):
+            raise ParseError("invalid status line", status)
+        statusReceived(status)
+
+    def countedLineReceived(line):
+        nonlocal seen
+        if parser.state in (STATUS, HEADER):
+            seen += len(line) + 1
+            if seen > MAX_UPSTREAM_HEAD_BYTES:
+                raise ParseError("response head too large", line[:64])
+            if b"\x00" in line:
+                # RFC 9110 section 5.5: reject it or replace it; Twisted
+                # would relay it to the client.
+                raise ParseError("NUL in the response head", line[:64])
+        lineReceived(line)
+
+    parser.statusReceived = checkedStatusReceived
+    parser.lineReceived = countedLineReceived
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     """
     The pool's connection factory, without a log line for every upstream
-    connection it opens and closes.
+    connection it opens and closes, and with the guarded client protocol.
     """
 
     noisy = False
+
+    def buildProtocol(self, addr):
+        return _GuardedClientProtocol(self._quiescentCallback)
 
 
 def connectToUpstream(

@@ -17,7 +17,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from hermux.access import AccessList
+from hermux.access import AccessList, AuthThrottle
 from hermux.config import Key
 from hermux.keypool import KeyPool
 from hermux.ledger import MemoryLedger
@@ -81,6 +81,7 @@ class Proxy:
     @ivar access: its access list.
     @ivar metrics: its metrics.
     @ivar ledger: its ledger (in memory unless one is given).
+    @ivar throttle: its throttle of failed access tokens.
     """
 
     def __init__(
@@ -98,6 +99,9 @@ class Proxy:
         eventInterval: float = 0.0,
         upstreamCertificate=None,
         ledger=None,
+        clientTimeout: float | None = 60.0,
+        maxConnections: int = 1024,
+        authFailures: int = 10,
     ):
         self._testCase = testCase
         self.fake = FakeOpenRouter(
@@ -124,11 +128,21 @@ class Proxy:
         self.metrics = Metrics()
         self.metrics.watch(self.pool)
         self.access = AccessList(accessTokens)
+        self.throttle = AuthThrottle(authFailures)
         self.relay = Relay(
             self.upstream, self.pool, idleTimeout=idleTimeout, metrics=self.metrics, reactor=reactor
         )
-        root = buildRoot(self.pool, self.access, self.relay, self.ledger, self.metrics)
-        self.site = HermuxSite(root, maxBody=maxBody, metrics=self.metrics)
+        root = buildRoot(
+            self.pool, self.access, self.relay, self.ledger, self.metrics, self.throttle
+        )
+        self.site = HermuxSite(
+            root,
+            maxBody=maxBody,
+            clientTimeout=clientTimeout,
+            maxConnections=maxConnections,
+            access=self.access,
+            metrics=self.metrics,
+        )
         self.port = self._listen(self.site)
         clientPool = HTTPConnectionPool(reactor, persistent=False)
         testCase.addCleanup(clientPool.closeCachedConnections)

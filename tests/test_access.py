@@ -5,9 +5,11 @@ in, and how a client is named without naming its token.
 
 from __future__ import annotations
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hermux.access import AccessList, Client, clientLabel, presentedToken
+from hermux.access import AccessList, AuthThrottle, Client, clientLabel, presentedToken
 
 TOKEN_A = "hx-ACCESS-alpha-5e1c77"
 TOKEN_B = "hx-ACCESS-bravo-0a93fd"
@@ -107,6 +109,17 @@ class AuthorizeTests(SynchronousTestCase):
         """
         value = b"Bearer " + TOKEN_A.encode() + b" extra"
         self.assertIsNone(self.access.authorize(value))
+
+    def test_bareTokenWithTrailingWord(self):
+        """
+        A bare valid token followed by another word is not that token.
+        """
+        for value in (
+            TOKEN_A.encode() + b" Bearer",
+            TOKEN_A.encode() + b" " + TOKEN_A.encode(),
+            TOKEN_A.encode() + b"\tx",
+        ):
+            self.assertIsNone(self.access.authorize(value), value)
 
     def test_otherScheme(self):
         """
@@ -237,3 +250,105 @@ class StorageTests(SynchronousTestCase):
         """
         client = AccessList([TOKEN_A]).authorize(TOKEN_A.encode())
         self.assertNotIn(TOKEN_A, repr(client))
+
+
+def _address(host: str, port: int = 40000):
+    if ":" in host:
+        return IPv6Address("TCP", host, port)
+    return IPv4Address("TCP", host, port)
+
+
+class AuthThrottleTests(SynchronousTestCase):
+    """
+    Tests for L{AuthThrottle}: failed access tokens per address and minute.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.throttle = AuthThrottle(3, reactor=self.clock)
+
+    def fail(self, host: str, times: int = 1, port: int = 40000):
+        for _ in range(times):
+            self.throttle.failed(_address(host, port))
+
+    def test_underTheLimit(self):
+        """
+        Fewer failures than the limit throttle nothing.
+        """
+        self.fail("192.0.2.1", 2)
+        self.assertIsNone(self.throttle.retryAfter(_address("192.0.2.1")))
+
+    def test_atTheLimit(self):
+        """
+        The limit's worth of failures within a minute throttles the
+        address until a minute after the first of them.
+        """
+        self.fail("192.0.2.1")
+        self.clock.advance(10)
+        self.assertFalse(self.throttle.failed(_address("192.0.2.1")))
+        self.assertTrue(self.throttle.failed(_address("192.0.2.1")))
+        self.assertEqual(self.throttle.retryAfter(_address("192.0.2.1")), 50)
+        self.clock.advance(49.5)
+        self.assertEqual(self.throttle.retryAfter(_address("192.0.2.1")), 1)
+        self.clock.advance(0.5)
+        self.assertIsNone(self.throttle.retryAfter(_address("192.0.2.1")))
+
+    def test_slidingWindow(self):
+        """
+        Failures spread over more than a minute never add up to the limit.
+        """
+        for _ in range(10):
+            self.fail("192.0.2.1")
+            self.assertIsNone(self.throttle.retryAfter(_address("192.0.2.1")))
+            self.clock.advance(21)
+
+    def test_anyPortOfTheAddress(self):
+        """
+        Failures count per address, whatever the source port.
+        """
+        for port in (1, 2, 3):
+            self.fail("192.0.2.1", port=port)
+        self.assertIsNotNone(self.throttle.retryAfter(_address("192.0.2.1", 4)))
+
+    def test_otherAddressesUnaffected(self):
+        self.fail("192.0.2.1", 3)
+        self.fail("192.0.2.2", 2)
+        self.assertIsNone(self.throttle.retryAfter(_address("192.0.2.2")))
+        self.assertIsNone(self.throttle.retryAfter(_address("2001:db8::1")))
+
+    def test_IPv6(self):
+        self.fail("2001:db8::1", 3)
+        self.assertIsNotNone(self.throttle.retryAfter(_address("2001:db8::1")))
+        self.assertIsNone(self.throttle.retryAfter(_address("2001:db8::2")))
+
+    def test_UNIXSocketsAreNotThrottled(self):
+        """
+        Clients on a UNIX socket have no address to tell them apart, and
+        are never throttled.
+        """
+        for _ in range(10):
+            self.throttle.failed(UNIXAddress(b"/run/hermux.sock"))
+        self.assertIsNone(self.throttle.retryAfter(UNIXAddress(b"/run/hermux.sock")))
+        self.assertEqual(len(self.throttle), 0)
+
+    def test_zeroTurnsItOff(self):
+        throttle = AuthThrottle(0, reactor=self.clock)
+        for _ in range(100):
+            throttle.failed(_address("192.0.2.1"))
+        self.assertIsNone(throttle.retryAfter(_address("192.0.2.1")))
+        self.assertEqual(len(throttle), 0)
+
+    def test_memoryIsBounded(self):
+        """
+        At most C{maxAddresses} addresses are remembered, each with at most
+        the limit's worth of failure times; the oldest is forgotten first.
+        """
+        throttle = AuthThrottle(3, maxAddresses=100, reactor=self.clock)
+        for n in range(1000):
+            for _ in range(5):
+                throttle.failed(_address(f"10.0.{n // 256}.{n % 256}"))
+        self.assertEqual(len(throttle), 100)
+        self.assertTrue(all(len(times) <= 3 for times in throttle._failed.values()))
+        self.assertIsNone(throttle.retryAfter(_address("10.0.0.0")))
+        self.assertIsNotNone(throttle.retryAfter(_address("10.0.3.231")))

@@ -118,6 +118,61 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(usage.UsageError, self.parse, "--upstream-ca", path)
 
 
+class HostileOptionsTests(SynchronousTestCase):
+    """
+    The options that bound what clients can make hermux do.
+    """
+
+    def parse(self, *args) -> Options:
+        options = Options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_defaults(self):
+        options = self.parse()
+        self.assertEqual(options["client-timeout"], 60.0)
+        self.assertEqual(options["max-connections"], 1024)
+        self.assertEqual(options["auth-failures"], 10)
+
+    def test_values(self):
+        options = self.parse(
+            "--client-timeout", "2.5", "--max-connections", "10", "--auth-failures", "0"
+        )
+        self.assertEqual(options["client-timeout"], 2.5)
+        self.assertEqual(options["max-connections"], 10)
+        self.assertEqual(options["auth-failures"], 0)
+
+    def test_bad(self):
+        for option, value in (
+            ("--client-timeout", "0"),
+            ("--client-timeout", "soon"),
+            ("--max-connections", "0"),
+            ("--max-connections", "1.5"),
+            ("--auth-failures", "-1"),
+            ("--auth-failures", "few"),
+        ):
+            self.assertRaises(usage.UsageError, self.parse, option, value)
+
+    def test_wired(self):
+        """
+        The options reach the site that serves each --listen.
+        """
+        tokens, allow = writeConfiguration(self)
+        options = self.parse(
+            "--tokens", tokens, "--allow", allow, "--listen", "tcp:0",
+            "--client-timeout", "7", "--max-connections", "9", "--auth-failures", "3",
+            "--state", self.mktemp(),
+        )
+        service = makeService(options)
+        [listener] = [s for s in service if hasattr(s, "factory")]
+        site = listener.factory
+        self.assertEqual(site.timeOut, 7)
+        self.assertEqual(site.maxConnections, 9)
+        throttle = site.resource.children[b"api"].gate.throttle
+        self.assertEqual(throttle.failures, 3)
+        self.assertIs(site.resource.children[b"v1"].gate.throttle, throttle)
+
+
 class ServiceTests(SynchronousTestCase):
     def test_pluginIsFound(self):
         """
