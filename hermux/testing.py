@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
-from hermux.site import HermuxChannel
+from hermux.channel import HermuxChannel
 
 FAKE_MODEL = "hermux/fake-model"
 FAKE_ANSWER = "This is a fake answer from hermux.testing, not from a model."

@@ -15,7 +15,7 @@ import json
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from hermux.site import MAX_HEAD_BYTES
+from hermux.channel import MAX_HEAD_BYTES
 from tests.harness import ACCESS_TOKEN, KEYS, Proxy, sleep, waitUntil
 from tests.rawhttp import RawUpstream, connectRaw, splitResponse
 

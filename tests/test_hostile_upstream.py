@@ -283,7 +283,7 @@ class SlowReaderTests(TestCase):
         connection whose client will not take the rest, instead of waiting
         for it forever.
         """
-        from hermux.site import HermuxChannel
+        from hermux.channel import HermuxChannel
 
         self.patch(HermuxChannel, "abortTimeout", 0.5)
         proxy = Proxy(self, idleTimeout=0.5)

@@ -25,7 +25,8 @@ from hermux.keypool import KeyPool
 from hermux.relay import Relay
 from hermux.resource import buildRoot
 from hermux import site as site_module
-from hermux.site import MAX_HEAD_BYTES, MAX_HEADERS, HermuxChannel, HermuxSite, ensureFileLimit
+from hermux.channel import MAX_HEAD_BYTES, MAX_HEADERS, HermuxChannel
+from hermux.site import HermuxSite, ensureFileLimit
 from hermux.upstream import Upstream
 from tests.rawhttp import splitResponse
 
