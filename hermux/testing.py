@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
-from hermux.channel import HermuxChannel
+from hermux.channel import HermuxChannel, peerText
 
 FAKE_MODEL = "hermux/fake-model"
 FAKE_ANSWER = "This is a fake answer from hermux.testing, not from a model."
@@ -187,7 +187,7 @@ class FakeOpenRouter(Resource):
             uri=request.uri,
             headers=request.requestHeaders.copy(),
             body=request.content.read(),
-            peer=_peerText(request.getClientAddress()),
+            peer=peerText(request.getClientAddress()),
         )
         self.received.append(received)
         request.notifyFinish().addErrback(lambda _: received.lost.callback(None))
@@ -283,10 +283,6 @@ class FakeOpenRouter(Resource):
                 "used": used,
             },
         }})
-
-
-def _peerText(address) -> str:
-    return f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
 
 
 class _FakeSite(Site):

@@ -7,16 +7,21 @@ for something to become true.  Everything is torn down with the test.
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
 
 import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
+import hermux
 from hermux.access import AccessList, AuthThrottle
 from hermux.config import Key
 from hermux.keypool import KeyPool
@@ -281,3 +286,84 @@ def issueCertificates(hostname: str = "localhost"):
         Certificate.loadPEM(ca.public_bytes(pem)),
         PrivateCertificate.loadPEM(keyPem + server.public_bytes(pem)),
     )
+
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(hermux.__file__)))
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+DEMO_TOKEN = "demo-access-token-change-me"
+
+
+def twistdEnvironment() -> dict[str, str]:
+    """
+    The environment for a child twistd that finds this checkout's hermux.
+    """
+    return {**os.environ, "PYTHONPATH": CHECKOUT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+class Twistd(ProcessProtocol):
+    """
+    twistd in a child process, run from the checkout; its output (stdout and
+    stderr) is collected as it comes.
+
+    @ivar ended: fires with L{ProcessDone}, or fails with
+        L{ProcessTerminated}, when it exits.
+    """
+
+    def __init__(self):
+        self.output = b""
+        self.ended = Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        if reason.check(ProcessDone):
+            self.ended.callback(reason.value)
+        else:
+            self.ended.errback(reason)
+
+    @property
+    def pid(self):
+        return self.transport.pid
+
+    def kill(self, signal: str = "TERM"):
+        self.transport.signalProcess(signal)
+
+    async def port(self, tls: bool = False) -> int:
+        """
+        The port hermux listens on, once its log says so.
+        """
+        marker = rb"HermuxSite \(TLS\) starting on (\d+)" if tls else rb"HermuxSite starting on (\d+)"
+        await waitUntil(lambda: re.search(marker, self.output), timeout=30)
+        return int(re.search(marker, self.output).group(1))
+
+
+def runTwistd(testCase, *args: str) -> Twistd:
+    """
+    Start twistd with C{args}; it is killed, if still running, when the test
+    ends.
+    """
+    child = Twistd()
+    reactor.spawnProcess(child, TWISTD[0], TWISTD + list(args), env=twistdEnvironment(), path=CHECKOUT)
+
+    def stop():
+        if child.transport.pid is not None:
+            child.kill("KILL")
+        return child.ended.addErrback(lambda _: None)
+
+    testCase.addCleanup(stop)
+    return child
+
+
+def demoArguments(testCase, *extra: str) -> list[str]:
+    """
+    twistd's arguments for hermux in the foreground in demo mode, on the
+    example files, with a state file of the test's own.
+    """
+    return [
+        "-n", "hermux", "--demo", "--tokens", "tokens.csv.example",
+        "--allow", "allow.txt.example", "--state", os.path.abspath(testCase.mktemp()),
+        *extra,
+    ]

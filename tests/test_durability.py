@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import sqlite3
 
 from treq.client import HTTPClient
@@ -19,36 +17,24 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from hermux.keypool import dayOf
 from hermux.ledger import SQLiteLedger
-from tests.harness import Proxy, sleep, waitUntil
-from tests.test_tap import CHECKOUT, TWISTD, _Child
-
-DEMO_TOKEN = "demo-access-token-change-me"
+from tests.harness import DEMO_TOKEN, Proxy, runTwistd, sleep, waitUntil
 
 
 class KillTests(TestCase):
     timeout = 120
 
-    def spawn(self, state: str) -> tuple[_Child, object]:
-        child = _Child()
-        process = reactor.spawnProcess(
-            child,
-            TWISTD[0],
-            TWISTD + [
-                "-n", "hermux", "--demo", "--tokens", "tokens.csv.example",
-                "--allow", "allow.txt.example", "--state", state,
-                "--listen", "tcp:0:interface=127.0.0.1",
-            ],
-            env={**os.environ, "PYTHONPATH": CHECKOUT},
-            path=CHECKOUT,
+    def spawn(self, state: str):
+        return runTwistd(
+            self,
+            "-n", "hermux", "--demo", "--tokens", "tokens.csv.example",
+            "--allow", "allow.txt.example", "--state", state,
+            "--listen", "tcp:0:interface=127.0.0.1",
         )
-        self.addCleanup(lambda: process.pid and process.signalProcess("KILL"))
-        self.addCleanup(lambda: child.ended.addErrback(lambda _: None))
-        return child, process
 
     async def port(self, child) -> int:
-        await waitUntil(lambda: b"HermuxSite starting on" in child.output, timeout=30)
+        port = await child.port()
         await waitUntil(lambda: b"DEMO MODE" in child.output, timeout=30)
-        return int(re.search(rb"HermuxSite starting on (\d+)", child.output).group(1))
+        return port
 
     def client(self) -> HTTPClient:
         pool = HTTPConnectionPool(reactor, persistent=True)
@@ -63,14 +49,14 @@ class KillTests(TestCase):
         counted, and none counted twice.
         """
         state = os.path.abspath(self.mktemp())
-        child, process = self.spawn(state)
+        child = self.spawn(state)
         port = await self.port(child)
         client = self.client()
         answeredAt = []
         headers = {"Authorization": f"Bearer {DEMO_TOKEN}"}
 
         async def load():
-            while process.pid is not None:
+            while child.pid is not None:
                 try:
                     response = await client.get(f"http://127.0.0.1:{port}/v1/models", headers=headers)
                     await response.content()
@@ -85,7 +71,7 @@ class KillTests(TestCase):
         await waitUntil(lambda: answeredAt, timeout=30)
         await sleep(3.0)
         killedAt = reactor.seconds()
-        process.signalProcess("KILL")
+        child.kill("KILL")
         await child.ended.addErrback(lambda _: None)
         for d in loads:
             await d
@@ -93,7 +79,7 @@ class KillTests(TestCase):
         self.assertEqual(check.execute("PRAGMA integrity_check").fetchone()[0], "ok")
         check.close()
 
-        child, process = self.spawn(state)
+        child = self.spawn(state)
         port = await self.port(child)
         response = await client.get(f"http://127.0.0.1:{port}/hermux/keys", headers=headers)
         keys = json.loads(await response.content())["keys"]
@@ -102,7 +88,7 @@ class KillTests(TestCase):
         self.assertGreater(surelyWritten, 100)
         self.assertGreaterEqual(counted, surelyWritten)
         self.assertLessEqual(counted, len(answeredAt) + 4)
-        os.kill(process.pid, signal.SIGTERM)
+        child.kill("TERM")
         await child.ended
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 
 import treq
@@ -32,14 +31,16 @@ from hermux.lifecycle import HermuxService
 from hermux.reload import ConfigReloader
 from tests.harness import (
     ACCESS_TOKEN,
+    DEMO_TOKEN,
     KEYS,
     SECRETS,
     Proxy,
+    demoArguments,
     issueCertificates,
+    runTwistd,
     sleep,
     waitUntil,
 )
-from tests.test_tap import CHECKOUT, TWISTD, _Child
 
 ALPHA, BETA, GAMMA = KEYS
 DELTA = Key("delta", "sk-or-v1-test-delta-9f8e7d6c5b4a")
@@ -277,32 +278,19 @@ class SIGTERMTests(TestCase):
         SIGTERM lets a streaming response in flight finish, then twistd
         exits with status 0.
         """
-        child = _Child()
-        process = reactor.spawnProcess(
-            child,
-            TWISTD[0],
-            TWISTD + [
-                "-n", "hermux", "--demo", "--tokens", "tokens.csv.example",
-                "--allow", "allow.txt.example", "--listen", "tcp:0:interface=127.0.0.1",
-                "--state", os.path.abspath(self.mktemp()),
-            ],
-            env={**os.environ, "PYTHONPATH": CHECKOUT},
-            path=CHECKOUT,
-        )
-        self.addCleanup(lambda: process.pid and process.signalProcess("KILL"))
-        await waitUntil(lambda: b"HermuxSite starting on" in child.output, timeout=30)
-        port = int(re.search(rb"HermuxSite starting on (\d+)", child.output).group(1))
+        child = runTwistd(self, *demoArguments(self, "--listen", "tcp:0:interface=127.0.0.1"))
+        port = await child.port()
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
         client = HTTPClient(Agent(reactor, pool=pool))
         response = await client.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             data=b'{"model": "m", "messages": [], "stream": true}',
-            headers={"Authorization": "Bearer demo-access-token-change-me"},
+            headers={"Authorization": f"Bearer {DEMO_TOKEN}"},
             unbuffered=True,
         )
         body = treq.content(response)
-        os.kill(process.pid, signal.SIGTERM)
+        child.kill("TERM")
         self.assertTrue((await body).endswith(b"data: [DONE]\n\n"))
         ended = await child.ended
         self.assertIsInstance(ended, ProcessDone)
@@ -421,32 +409,24 @@ class TLSListenTests(TestCase):
         pem = os.path.abspath(self.mktemp())
         with open(pem, "wb") as f:
             f.write(server.dumpPEM())
-        child = _Child()
-        process = reactor.spawnProcess(
-            child,
-            TWISTD[0],
-            TWISTD + [
-                "-n", "hermux", "--demo", "--tokens", "tokens.csv.example",
-                "--allow", "allow.txt.example", "--state", os.path.abspath(self.mktemp()),
+        child = runTwistd(
+            self,
+            *demoArguments(
+                self,
                 "--listen", f"ssl:0:interface=127.0.0.1:privateKey={pem}",
                 "--listen", "tcp:0:interface=127.0.0.1",
-            ],
-            env={**os.environ, "PYTHONPATH": CHECKOUT},
-            path=CHECKOUT,
+            ),
         )
-        self.addCleanup(lambda: process.pid and process.signalProcess("KILL") or child.ended)
-        await waitUntil(lambda: b"HermuxSite starting on" in child.output, timeout=30)
-        await waitUntil(lambda: b"HermuxSite (TLS) starting on" in child.output, timeout=30)
-        tlsPort = int(re.search(rb"HermuxSite \(TLS\) starting on (\d+)", child.output).group(1))
-        tcpPort = int(re.search(rb"HermuxSite starting on (\d+)", child.output).group(1))
+        tlsPort = await child.port(tls=True)
+        tcpPort = await child.port()
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
         client = HTTPClient(
             Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=ca), pool=pool)
         )
         for url in (f"https://localhost:{tlsPort}/v1/models", f"http://127.0.0.1:{tcpPort}/v1/models"):
-            response = await client.get(url, headers={"Authorization": "Bearer demo-access-token-change-me"})
+            response = await client.get(url, headers={"Authorization": f"Bearer {DEMO_TOKEN}"})
             self.assertEqual(response.code, 200, url)
             self.assertIn("hermux/fake-model", (await response.content()).decode())
-        os.kill(process.pid, signal.SIGTERM)
+        child.kill("TERM")
         self.assertIsInstance(await child.ended, ProcessDone)

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
-import sys
 import tempfile
 
 from twisted.application.service import Application, IService, IServiceCollection
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.error import ProcessDone
 from twisted.internet.ssl import Certificate
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import IPlugin, getPlugins
@@ -28,14 +26,22 @@ from twisted.web.iweb import IAgentEndpointFactory
 from treq.client import HTTPClient
 from zope.interface import implementer
 
-import hermux
 from hermux.keypool import KeyPool
 from hermux.tap import DEFAULT_LISTEN, Options, makeService
 from hermux.testing import FakeOpenRouter, fakeSite
-from tests.harness import ACCESS_TOKEN, KEYS, issueCertificates, waitUntil
+from tests.harness import (
+    ACCESS_TOKEN,
+    CHECKOUT,
+    DEMO_TOKEN,
+    KEYS,
+    TWISTD,
+    demoArguments,
+    issueCertificates,
+    runTwistd,
+    twistdEnvironment,
+    waitUntil,
+)
 
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(hermux.__file__)))
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 def writeConfiguration(testCase, keys=KEYS, accessTokens=(ACCESS_TOKEN,)):
@@ -274,27 +280,6 @@ class RunningServiceTests(TestCase):
         self.assertIn(response.headers.getRawHeaders("X-Token-Name")[0], {k.name for k in KEYS})
 
 
-class _Child(ProcessProtocol):
-    """
-    A child process whose output is collected as it comes.
-    """
-
-    def __init__(self):
-        self.output = b""
-        self.ended = Deferred()
-
-    def outReceived(self, data):
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        if reason.check(ProcessDone):
-            self.ended.callback(reason.value)
-        else:
-            self.ended.errback(reason)
-
-
 class TwistdTests(TestCase):
     """
     twistd itself, in a child process, as a user runs it.
@@ -302,32 +287,8 @@ class TwistdTests(TestCase):
 
     timeout = 60
 
-    def spawn(self, *args) -> _Child:
-        child = _Child()
-        process = reactor.spawnProcess(
-            child, TWISTD[0], TWISTD + list(args), env=self.environment(), path=CHECKOUT
-        )
-
-        def stop():
-            if process.pid is not None:
-                process.signalProcess("KILL")
-            return child.ended.addErrback(lambda _: None)
-
-        self.addCleanup(stop)
-        return child
-
     def statePath(self) -> str:
         return os.path.abspath(self.mktemp())
-
-    def environment(self):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = CHECKOUT + os.pathsep + env.get("PYTHONPATH", "")
-        return env
-
-    async def waitForPort(self, readOutput) -> int:
-        marker = b"HermuxSite starting on "
-        await waitUntil(lambda: marker in readOutput(), timeout=30)
-        return int(readOutput().split(marker, 1)[1].split()[0])
 
     async def get(self, port, path="/api/v1/models"):
         pool = HTTPConnectionPool(reactor, persistent=False)
@@ -335,7 +296,7 @@ class TwistdTests(TestCase):
         client = HTTPClient(Agent(reactor, pool=pool))
         response = await client.get(
             f"http://127.0.0.1:{port}{path}",
-            headers={"Authorization": "Bearer demo-access-token-change-me"},
+            headers={"Authorization": f"Bearer {DEMO_TOKEN}"},
         )
         return response, await response.content()
 
@@ -350,7 +311,7 @@ class TwistdTests(TestCase):
         out, err, code = await getProcessOutputAndValue(
             TWISTD[0],
             TWISTD[1:] + ["-n", "hermux", "--tokens", tokens, "--allow", allow, "--state", self.statePath()],
-            env=self.environment(), path=CHECKOUT,
+            env=twistdEnvironment(), path=CHECKOUT,
         )
         self.assertNotEqual(code, 0)
         self.assertEqual(err.decode().strip(), f"hermux: {tokens}, line 2: empty token for 'alpha'")
@@ -361,12 +322,8 @@ class TwistdTests(TestCase):
         'twistd -n hermux --demo' on the example files answers with fake
         completions, rotates keys, and stops cleanly on SIGTERM.
         """
-        child = self.spawn(
-            "-n", "hermux", "--demo",
-            "--tokens", "tokens.csv.example", "--allow", "allow.txt.example",
-            "--listen", "tcp:0:interface=127.0.0.1", "--state", self.statePath(),
-        )
-        port = await self.waitForPort(lambda: child.output)
+        child = runTwistd(self, *demoArguments(self, "--listen", "tcp:0:interface=127.0.0.1"))
+        port = await child.port()
         # twistd opens hermux's port (privilegedStartService) before it
         # starts the demo upstream, so the banner may come a moment later.
         await waitUntil(lambda: b"DEMO MODE" in child.output)
@@ -376,7 +333,7 @@ class TwistdTests(TestCase):
             self.assertEqual(response.code, 200)
             names.update(response.headers.getRawHeaders("X-Token-Name"))
         self.assertEqual(names, {"alice", "bob", "carol"})
-        os.kill(child.transport.pid, signal.SIGTERM)
+        child.kill("TERM")
         ended = await child.ended
         self.assertIsInstance(ended, ProcessDone)
         self.assertEqual(ended.exitCode, 0)
@@ -401,7 +358,7 @@ class TwistdTests(TestCase):
                 "--allow", "allow.txt.example", "--listen", "tcp:0:interface=127.0.0.1",
                 "--state", self.statePath(),
             ],
-            env=self.environment(), path=CHECKOUT,
+            env=twistdEnvironment(), path=CHECKOUT,
         )
         self.assertEqual(code, 0, err)
         await waitUntil(lambda: os.path.exists(pidfile), timeout=30)
@@ -413,13 +370,14 @@ class TwistdTests(TestCase):
             with open(logfile, "rb") as f:
                 return f.read()
 
-        port = await self.waitForPort(log)
+        await waitUntil(lambda: b"HermuxSite starting on" in log(), timeout=30)
+        port = int(re.search(rb"HermuxSite starting on (\d+)", log()).group(1))
         response, body = await self.get(port)
         self.assertEqual(response.code, 200)
         await waitUntil(lambda: b"GET /api/v1/models -> 200" in log())
         os.kill(pid, signal.SIGTERM)
         await waitUntil(lambda: not os.path.exists(pidfile), timeout=30)
-        self.assertNotIn(b"demo-access-token-change-me", log())
+        self.assertNotIn(DEMO_TOKEN.encode(), log())
 
     async def test_syslog(self):
         """
@@ -429,19 +387,18 @@ class TwistdTests(TestCase):
         directory = tempfile.mkdtemp(prefix="hermux-test-")
         self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         socketPath = os.path.join(directory, "hermux.sock")
-        child = self.spawn(
-            "-n", "--syslog", "--prefix", "hermux-test", "hermux", "--demo",
-            "--tokens", "tokens.csv.example", "--allow", "allow.txt.example",
-            "--listen", f"unix:{socketPath}", "--state", self.statePath(),
+        child = runTwistd(
+            self, "--syslog", "--prefix", "hermux-test",
+            *demoArguments(self, "--listen", f"unix:{socketPath}"),
         )
         await waitUntil(lambda: os.path.exists(socketPath), timeout=30)
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
         client = HTTPClient(Agent.usingEndpointFactory(reactor, _UNIXEndpoints(socketPath), pool))
         response = await client.get(
-            "http://hermux/v1/models", headers={"Authorization": "Bearer demo-access-token-change-me"}
+            "http://hermux/v1/models", headers={"Authorization": f"Bearer {DEMO_TOKEN}"}
         )
         self.assertEqual(response.code, 200)
         await response.content()
-        os.kill(child.transport.pid, signal.SIGTERM)
+        child.kill("TERM")
         self.assertEqual((await child.ended).exitCode, 0)
