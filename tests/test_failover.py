@@ -291,6 +291,24 @@ class KeysResourceTests(TestCase):
             self.assertNotIn(key.token.encode(), raw)
 
 
+    async def test_guessingIsThrottledHereToo(self):
+        """
+        Failed access tokens sent to hermux's own pages count like those sent
+        to /api, and throttle the address everywhere.
+        """
+        proxy = Proxy(self, authFailures=3)
+        for path in ("/hermux/keys", "/hermux/metrics", "/hermux/keys"):
+            response = await proxy.request("GET", path, token="guess")
+            self.assertEqual(response.code, 401)
+            await response.content()
+        for path in ("/hermux/keys", "/hermux/metrics", "/api/v1/models"):
+            response = await proxy.request("GET", path)
+            self.assertEqual(response.code, 429, path)
+            self.assertTrue(response.headers.getRawHeaders("Retry-After"))
+            await response.content()
+        self.assertEqual(proxy.fake.received, [])
+
+
 class LedgerContinuityTests(TestCase):
     async def test_countsSurviveARestart(self):
         """
