@@ -85,6 +85,14 @@ class HermuxRequest(server.Request):
         self.notifyFinish().addBoth(self._over)
         super().process()
 
+    def write(self, data):
+        if not self.startedWriting and self.responseHeaders.getRawHeaders(b"server") == [
+            server.version
+        ]:
+            # Twisted's default names its version; an upstream's own stays.
+            self.responseHeaders.setRawHeaders(b"Server", [b"hermux"])
+        super().write(data)
+
     def _over(self, result):
         status = self.code if self.startedWriting else "-"
         if self.outcome is None and not self.finished:

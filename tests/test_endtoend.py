@@ -147,6 +147,7 @@ class RelayTests(TestCase):
         proxy = Proxy(self)
         response = await proxy.request("GET", "/hermux/health", token=None)
         self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("Server"), ["hermux"])
         self.assertEqual(json.loads(await response.content()), {"status": "ok", "keys": 3})
 
 
