@@ -572,6 +572,10 @@ def main(argv=None) -> int:
         from bench.profile import main as profile
 
         return profile(argv[1:])
+    if argv[:1] == ["experiments"]:
+        from bench.experiments import main as experiments
+
+        return experiments(argv[1:])
     args = parseArgs(argv)
     missing = checkTools()
     if missing:

@@ -125,3 +125,15 @@ class CollapseTests(SynchronousTestCase):
         self.assertEqual(summary["cumulative"][("run", "a.py")], 6)
         self.assertEqual(summary["cumulative"][("work", "b.py")], 5)  # recursion counted once
         self.assertEqual(summary["files"], {"b.py": 5, "a.py": 1})
+
+    def test_steps(self):
+        lines = [
+            "run (a.py:1);loop (a.py:5);work (b.py:10) 3\n",
+            "run (a.py:1);loop (a.py:6);helper (c.py:3) 2\n",
+            "run (a.py:1);helper (c.py:3);work (b.py:12) 4\n",
+            "_bootstrap (threading.py:1);Condition.wait (threading.py:327) 7\n",
+        ]
+        summary = collapse(lines, {("loop", "a.py"): "looping", ("work", "b.py"): "working"})
+        self.assertEqual(summary["idle"], 7)
+        self.assertEqual(summary["total"], 9)
+        self.assertEqual(summary["steps"], {"working": 7, "looping": 2})
