@@ -16,6 +16,7 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 
@@ -30,10 +31,11 @@ VARIANTS = {
     "noformparse": ("noformparse", "--logfile=-", "Site(parsePOSTFormSubmission=False)"),
     "directagent": ("directagent", "--logfile=-", "endpoint, pool key and Host computed once"),
     "contentlength": ("contentlength", "--logfile=-", "pass Content-Length through instead of chunking"),
+    "breakcycle": ("breakcycle", "--logfile=-", "no watchdog/body-relay reference cycle per request"),
     "fastlog": ("", "--logger=bench.quietlog.fastObserver", "str.format, timestamp per second, batched writes"),
     "nolog": ("", "--logger=bench.quietlog.observer", "log events emitted, then dropped (lower bound)"),
-    "all": ("noformparse,directagent,contentlength", "--logger=bench.quietlog.fastObserver",
-            "noformparse + directagent + contentlength + fastlog"),
+    "all": ("noformparse,directagent,contentlength,breakcycle", "--logger=bench.quietlog.fastObserver",
+            "all of the above but nolog"),
 }
 
 
@@ -60,6 +62,9 @@ def main(argv) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--sse", action="store_true", help="also load each variant with the 100 KB SSE answer")
+    parser.add_argument("--ttfb", action="store_true",
+                        help="also measure each variant's time to first byte over the slow upstream")
+    parser.add_argument("--ttfb-samples", type=int, default=50)
     parser.add_argument("--out", default=os.path.join(HERE, "profile-out"))
     args = parser.parse_args(argv)
     args.skip = ["slowread"]
@@ -84,6 +89,12 @@ def main(argv) -> int:
         if args.sse:
             sse = run.interleaved("sse", targets, nginx.SSE_PATH, nginx.STREAM_REQUEST,
                                   rounds=args.rounds, connections=8, upstream=direct)
+        ttfb = None
+        if args.ttfb:
+            for target in targets:
+                run.stopTarget(target)
+            slow = run.startSlowUpstream("slow-ttfb", 0.002)
+            ttfb = run.ttfb([run.startVariant(name, slow) for name in names], slow)
     finally:
         procs.stopAll()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -91,16 +102,24 @@ def main(argv) -> int:
     base = summary[names[0]]["cpuPerRequestMs"]
     lines = [
         f"Chat load, {args.rounds} interleaved rounds of {args.duration:.0f}s at {args.connections} "
-        f"connections; CPU per request of the hermux process over all rounds, and per round",
+        f"connections.  ms/req: CPU per request of the hermux process over all rounds.  paired: the "
+        f"median, over rounds, of the saving against {names[0]} in the same round (and its range)",
         "",
-        f"{'variant':12} {'ms/req':>7} {'saved':>14} {'req/s':>6}  per round; what it stands for",
+        f"{'variant':13} {'ms/req':>7} {'saved':>14} {'paired':>6} {'(range)':>15} {'req/s':>6}  what it stands for",
     ]
+    baseRounds = summary[names[0]]["cpuPerRequestRounds"]
     for name in names:
         s = summary[name]
         saved = base - s["cpuPerRequestMs"]
-        rounds = ", ".join(f"{x:.3f}" for x in s["cpuPerRequestRounds"])
-        lines.append(f"{name:12} {s['cpuPerRequestMs']:7.3f} {saved:+7.3f} ({100 * saved / base:+4.0f}%) "
-                     f"{s['rate']:6.0f}  {rounds}; {VARIANTS[name][2]}")
+        paired = sorted(1 - x / b for x, b in zip(s["cpuPerRequestRounds"], baseRounds))
+        lines.append(
+            f"{name:13} {s['cpuPerRequestMs']:7.3f} {saved:+7.3f} ({100 * saved / base:+4.0f}%) "
+            f"{100 * statistics.median(paired):+5.0f}% ({100 * paired[0]:+4.0f}% ..{100 * paired[-1]:+4.0f}%) "
+            f"{s['rate']:6.0f}  {VARIANTS[name][2]}"
+        )
+    lines += ["", "Per round, ms/req:"]
+    for name in names:
+        lines.append(f"{name:13} " + ", ".join(f"{x:.3f}" for x in summary[name]["cpuPerRequestRounds"]))
     if sse:
         size = run.sizes[nginx.SSE_PATH]
         summary = {name: summarizeLoad(r, size) for name, r in sse.items()}
@@ -112,6 +131,13 @@ def main(argv) -> int:
             saved = base - s["cpuPerMBms"]
             lines.append(f"{name:12} {s['cpuPerMBms']:7.2f} {saved:+7.2f} ({100 * saved / base:+4.0f}%) "
                          f"{s['mbps']:6.0f}")
+    if ttfb:
+        medians = {name: statistics.median(samples) for name, samples in ttfb.items()}
+        direct = next(v for k, v in medians.items() if k.startswith("direct"))
+        lines += ["", f"Time to first byte of a stream over the slow upstream, median of {args.ttfb_samples}, "
+                  f"ms (direct: {direct:.3f})", f"{'variant':12} {'added':>7}"]
+        for name in names:
+            lines.append(f"{name:12} {medians[name] - direct:7.3f}")
     if run.results["errors"]:
         lines += ["", "Problems:"] + [f"- {e}" for e in run.results["errors"]]
     text = "\n".join(lines)

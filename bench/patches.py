@@ -79,10 +79,36 @@ def contentLength() -> None:
     _Exchange._sendHead = _sendHead
 
 
+def breakCycle() -> None:
+    """
+    At the end of an exchange, the watchdog forgets its C{onIdle} callback.
+    C{_Watchdog.onIdle} is the body relay's C{abort} and the body relay's
+    C{_kick} is the watchdog's C{kick}: a reference cycle that keeps every
+    finished request (its Headers, Deferreds, addresses, ...) alive until the
+    cyclic garbage collector runs.
+    """
+    from hermux.relay import _Exchange
+
+    original = _Exchange.run
+
+    async def run(self):
+        try:
+            await original(self)
+        finally:
+            self._watchdog.onIdle = _nothing
+
+    _Exchange.run = run
+
+
+def _nothing():
+    pass
+
+
 PATCHES = {
     "noformparse": noFormParse,
     "directagent": directAgent,
     "contentlength": contentLength,
+    "breakcycle": breakCycle,
 }
 
 

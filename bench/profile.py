@@ -241,8 +241,8 @@ class Profiler(Run):
             env={"BENCH_SNAPSHOT": snapshot},
         )
 
-        def takeSnapshot(number):
-            proc.popen.send_signal(signal.SIGUSR1)
+        def takeSnapshot(number, collect=False):
+            proc.popen.send_signal(signal.SIGUSR2 if collect else signal.SIGUSR1)
             deadline = time.monotonic() + 120
             while not os.path.exists(f"{snapshot}.{number}") and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -251,7 +251,9 @@ class Profiler(Run):
         self.heldStreams(target, slow, 50)  # warm up: pools, caches, code paths
         takeSnapshot(1)
         held = self.heldStreams(target, slow, self.args.streams, onOpened=lambda: takeSnapshot(2))
-        takeSnapshot(3)
+        takeSnapshot(3, collect=True)
+        with open(f"{snapshot}.3.gc") as f:
+            collected = int(f.read())
         self.procs.stop(proc)
         ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen *>")]
         before = tracemalloc.Snapshot.load(f"{snapshot}.1").filter_traces(ignore)
@@ -263,8 +265,9 @@ class Profiler(Run):
         out = [
             f"tracemalloc: {opened} streams held open through hermux, compared with after 50 streams "
             f"came and went.  Live Python allocations grew by {grown / 1024:.0f} KiB = "
-            f"{grown / opened / 1024:.1f} KiB/stream; after all were closed, {kept / 1024:.0f} KiB more "
-            "than before remained allocated.  (RSS under tracemalloc is not representative: see "
+            f"{grown / opened / 1024:.1f} KiB/stream.  After all were closed, gc.collect() found "
+            f"{collected} unreachable objects (reference cycles) and then {kept / 1024:.0f} KiB more than "
+            "before remained allocated.  (RSS under tracemalloc is not representative: see "
             "bench/RESULTS.md for RSS per stream.)",
             "",
             "Growth by source line (top 40)",
@@ -282,7 +285,8 @@ class Profiler(Run):
             out.append(f"{stat.size_diff / opened:9.0f} B/stream, {stat.count_diff / opened:.1f} blocks:")
             for frame in list(reversed(stat.traceback))[:8]:
                 out.append(f"      {_shortPath(frame.filename)}:{frame.lineno}  {_line(frame)}")
-        out += ["", "Still allocated after the streams closed, by line (top 10)", f"{'KiB':>9}  line"]
+        out += ["", "Still allocated after the streams closed and gc.collect(), by line (top 10)",
+                f"{'KiB':>9}  line"]
         for stat in after.compare_to(before, "lineno")[:10]:
             frame = stat.traceback[0]
             out.append(f"{stat.size_diff / 1024:9.1f}  {_shortPath(frame.filename)}:{frame.lineno}  {_line(frame)}")
@@ -308,10 +312,11 @@ def _line(frame) -> str:
 def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="bench/run profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second (250)")
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second (100)")
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--prompt-kb", type=int, default=0)
     parser.add_argument("--skip", action="append", default=[], choices=["pyspy", "cprofile", "memory"])
     parser.add_argument("--out", default=os.path.join(HERE, "profile-out"))
     args = parser.parse_args(argv)

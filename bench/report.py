@@ -39,8 +39,8 @@ def machine() -> dict:
     import twisted
 
     commit = _run(["git", "rev-parse", "--short", "HEAD"])
-    if _run(["git", "status", "--porcelain", "--", "hermux"]):
-        commit += " (hermux/ modified)"
+    commit += f" (hermux/ last changed in {_run(['git', 'log', '-1', '--format=%h', '--', 'hermux'])}"
+    commit += ", with uncommitted changes)" if _run(["git", "status", "--porcelain", "--", "hermux"]) else ")"
     return {
         "host": platform.node(),
         "kernel": platform.release(),

@@ -44,7 +44,8 @@ class Streams:
             json.dumps(
                 {
                     "model": "meta-llama/llama-3.3-70b-instruct:free",
-                    "messages": [{"role": "user", "content": "Write a long story."}],
+                    "messages": [{"role": "user", "content": "Write a long story. "
+                                  + "Lorem ipsum dolor sit amet. " * (args.prompt_kb * 1024 // 28)}],
                     "stream": True,
                     "max_tokens": args.max_tokens,
                 }
@@ -153,6 +154,7 @@ def main(argv=None) -> None:
     parser.add_argument("--token", default=None)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--max-tokens", type=int, default=200)
+    parser.add_argument("--prompt-kb", type=int, default=0, help="make each request about this much larger")
     parser.add_argument("--open-concurrency", type=int, default=32)
     parser.add_argument("--deadline", type=float, default=300.0)
     args = parser.parse_args(argv)

@@ -61,6 +61,8 @@ def parseArgs(argv):
     parser.add_argument("--streams", type=int, default=1000, help="open streams per proxy (1000)")
     parser.add_argument("--many-streams", type=int, default=10000,
                         help="open streams for hermux alone (10000; 0 to skip)")
+    parser.add_argument("--prompt-kb", type=int, default=0,
+                        help="make each held stream's request this many KiB larger (0: a one-line prompt)")
     parser.add_argument("--stream-interval", type=float, default=5.0,
                         help="seconds between events of a held stream (5)")
     parser.add_argument("--big-mb", type=int, default=100, help="size of the slowly read answer (100)")
@@ -321,7 +323,7 @@ class Run:
         deadline = 240.0
         generator = subprocess.Popen(
             [self.python, "-m", "bench.streams", "--port", str(target.port),
-             "--count", str(count), "--deadline", str(deadline)]
+             "--count", str(count), "--deadline", str(deadline), "--prompt-kb", str(self.args.prompt_kb)]
             + (["--token", target.token] if target.token else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
         )
