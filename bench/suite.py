@@ -50,7 +50,7 @@ def parseArgs(argv):
         "twisted.web.proxy.ReverseProxyResource.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="a short run (about 2 minutes): fewer rounds, no 10,000-stream "
+                        help="a short run (about 1.5 minutes): fewer rounds, no 10,000-stream "
                         "test, a 20 MB slow read, hermux only")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the chat load (3)")
