@@ -1,0 +1,139 @@
+"""
+Tests for the benchmark suite's own parsing: wrk's output, chunked bodies,
+py-spy's collapsed stacks.  They need neither nginx nor wrk.
+"""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from bench import clients, wrk
+from bench.profile import collapse, frameKey
+
+WRK_TEXT = """\
+Running 5s test @ http://127.0.0.1:41234/api/v1/chat/completions
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    15.02ms    4.71ms  45.38ms   71.22%
+    Req/Sec     1.02k   101.37     1.20k    70.00%
+  Latency Distribution
+     50%   14.95ms
+     75%   17.30ms
+     90%   21.41ms
+     99%  617.50us
+  5085 requests in 5.01s, 3.95MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   1015.23
+Transfer/sec:    807.99KB
+"""
+
+WRK_SUMMARY = (
+    'WRKJSON {"requests": 5085, "duration_us": 5010000, "bytes": 4141875, '
+    '"connect": 0, "read": 2, "write": 0, "status": 4, "timeout": 1, '
+    '"p50_us": 14950, "p90_us": 21410, "p99_us": 38260, "mean_us": 15020.0}\n'
+)
+
+
+class WrkTests(SynchronousTestCase):
+    def test_textReport(self):
+        result = wrk.parseText(WRK_TEXT)
+        self.assertEqual(result.requests, 5085)
+        self.assertAlmostEqual(result.seconds, 5.01)
+        self.assertEqual(result.bytes, int(3.95 * 1024**2))
+        self.assertAlmostEqual(result.p50, 14950.0)
+        self.assertAlmostEqual(result.p90, 21410.0)
+        self.assertAlmostEqual(result.p99, 617.5)
+        self.assertEqual(result.errors, 7)
+        self.assertEqual(result.nonSuccess, 4)
+        self.assertAlmostEqual(result.rate, 5085 / 5.01)
+
+    def test_textReportUnitsAndNoErrors(self):
+        text = (
+            "  Latency Distribution\n     50%    1.00s\n     90%    1.50m\n     99%    2.00m\n"
+            "  12 requests in 1.00m, 100.00B read\nRequests/sec:      0.20\n"
+        )
+        result = wrk.parseText(text)
+        self.assertEqual((result.requests, result.seconds, result.bytes), (12, 60.0, 100))
+        self.assertEqual((result.p50, result.p90, result.p99), (1e6, 90e6, 120e6))
+        self.assertEqual(result.errors, 0)
+
+    def test_textReportWithoutCount(self):
+        self.assertRaises(ValueError, wrk.parseText, "unable to connect to 127.0.0.1:1\n")
+
+    def test_summaryLineWins(self):
+        result = wrk.parse(WRK_TEXT + WRK_SUMMARY)
+        self.assertEqual(result.requests, 5085)
+        self.assertEqual(result.bytes, 4141875)
+        self.assertEqual(result.p99, 38260.0)
+        self.assertEqual(result.errors, 7)
+
+    def test_luaScript(self):
+        script = wrk.luaScript(b'{"a": "b"}', "tok")
+        self.assertIn('wrk.body = [==[{"a": "b"}]==]', script)
+        self.assertIn('wrk.headers["Authorization"] = "Bearer tok"', script)
+        self.assertNotIn("Authorization", wrk.luaScript(b"{}", None))
+        self.assertRaises(ValueError, wrk.luaScript, b"]==]", None)
+
+
+class ClientTests(SynchronousTestCase):
+    def test_chunkCounterAnySplit(self):
+        body = b"5\r\nhello\r\n3;ext=1\r\nabc\r\n10\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n"
+        for size in (1, 2, 3, 7, len(body)):
+            counter = clients.ChunkCounter()
+            for start in range(0, len(body), size):
+                counter.feed(body[start : start + size])
+            self.assertEqual((counter.payload, counter.ended), (24, True))
+
+    def test_chunkCounterUnfinished(self):
+        counter = clients.ChunkCounter()
+        counter.feed(b"a\r\n01234")
+        self.assertEqual((counter.payload, counter.ended), (5, False))
+
+    def test_heads(self):
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Token-Name: bob"
+        self.assertEqual(clients.statusOf(head), 200)
+        self.assertTrue(clients.isChunked(head))
+        self.assertFalse(clients.isChunked(b"HTTP/1.1 200 OK\r\nContent-Length: 3"))
+        self.assertEqual(clients.statusOf(b"garbage"), 0)
+
+    def test_request(self):
+        request = clients.requestBytes(8080, "/api/v1/x", b"{}", "tok")
+        self.assertTrue(request.startswith(b"POST /api/v1/x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"))
+        self.assertIn(b"\r\nContent-Length: 2\r\n", request)
+        self.assertIn(b"\r\nAuthorization: Bearer tok\r\n", request)
+        self.assertTrue(request.endswith(b"\r\n\r\n{}"))
+
+
+class CollapseTests(SynchronousTestCase):
+    def test_frameKey(self):
+        self.assertEqual(
+            frameKey("dataReceived (/v/lib/python3.11/site-packages/twisted/web/http.py:2345)"),
+            ("dataReceived", "twisted/web/http.py"),
+        )
+        self.assertEqual(frameKey("<module> (<string>:1)"), ("<module>", "<string>"))
+
+    def test_collapse(self):
+        lines = [
+            "run (a.py:1);loop (a.py:5);work (b.py:10) 3\n",
+            "run (a.py:1);loop (a.py:6);work (b.py:11);work (b.py:12) 2\n",
+            "run (a.py:2) 1\n",
+            "not a stack line\n",
+        ]
+        summary = collapse(lines)
+        self.assertEqual(summary["total"], 6)
+        self.assertEqual(summary["own"][("work", "b.py")], 5)
+        self.assertEqual(summary["own"][("run", "a.py")], 1)
+        self.assertEqual(summary["cumulative"][("run", "a.py")], 6)
+        self.assertEqual(summary["cumulative"][("work", "b.py")], 5)  # recursion counted once
+        self.assertEqual(summary["files"], {"b.py": 5, "a.py": 1})
+
+    def test_steps(self):
+        lines = [
+            "run (a.py:1);loop (a.py:5);work (b.py:10) 3\n",
+            "run (a.py:1);loop (a.py:6);helper (c.py:3) 2\n",
+            "run (a.py:1);helper (c.py:3);work (b.py:12) 4\n",
+            "_bootstrap (threading.py:1);Condition.wait (threading.py:327) 7\n",
+        ]
+        summary = collapse(lines, {("loop", "a.py"): "looping", ("work", "b.py"): "working"})
+        self.assertEqual(summary["idle"], 7)
+        self.assertEqual(summary["total"], 9)
+        self.assertEqual(summary["steps"], {"working": 7, "looping": 2})
