@@ -43,10 +43,8 @@ class Experiments(Run):
     def startVariant(self, name, upstream) -> Target:
         patches, logOption, _ = VARIANTS[name]
         port = freePort()
-        argv = [self.python, "-m", "bench.patched_twistd", "-n", "--pidfile=", logOption, "hermux",
-                "--tokens", self.tokens, "--allow", self.allow,
-                "--upstream", f"http://127.0.0.1:{upstream.port}",
-                "--listen", f"tcp:{port}:interface=127.0.0.1"]
+        argv = [self.python, "-m", "bench.patched_twistd", "-n", "--pidfile=", logOption]
+        argv += self.hermuxOptions(name, upstream, port)
         env = dict(os.environ, BENCH_PATCHES=patches)
         proc = self.procs.start(name, argv, os.path.join(self.tmp, f"{name}.out"), cwd=REPO, env=env)
         proc.waitForPort(port)

@@ -157,12 +157,7 @@ class Profiler(Run):
 
     def startHermuxWith(self, name, upstream, prefix, env=None):
         port = freePort()
-        argv = prefix + [
-            "-n", "--pidfile=", "--logfile=-", "hermux",
-            "--tokens", self.tokens, "--allow", self.allow,
-            "--upstream", f"http://127.0.0.1:{upstream.port}",
-            "--listen", f"tcp:{port}:interface=127.0.0.1",
-        ]
+        argv = prefix + ["-n", "--pidfile=", "--logfile=-"] + self.hermuxOptions(name, upstream, port)
         environ = dict(os.environ, **(env or {}))
         proc = self.procs.start(name, argv, os.path.join(self.tmp, f"{name}.out"), cwd=REPO, env=environ)
         proc.waitForPort(port, timeout=90)  # slow to start under tracemalloc

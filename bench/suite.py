@@ -159,17 +159,26 @@ class Run:
         proc.waitForPort(port)
         return Target(f"direct ({name})", port, ACCESS_TOKEN, [proc.pid])
 
+    def hermuxOptions(self, name: str, upstream: Target, port: int) -> list[str]:
+        """
+        hermux's own options for a run: a state file of its own (several
+        run at once), and room for the 10,000-stream test.
+        """
+        return [
+            "hermux",
+            "--tokens", self.tokens,
+            "--allow", self.allow,
+            "--state", os.path.join(self.tmp, f"{name}.sqlite3"),
+            "--upstream", f"http://127.0.0.1:{upstream.port}",
+            "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--max-connections", "20000",
+        ]
+
     def startHermux(self, name: str, upstream: Target, *, logging: bool = True) -> Target:
         port = freePort()
         argv = [self.python, "-c", TWISTD, "-n", "--pidfile="]
         argv += ["--logfile=-"] if logging else ["--logger=bench.quietlog.observer"]
-        argv += [
-            "hermux",
-            "--tokens", self.tokens,
-            "--allow", self.allow,
-            "--upstream", f"http://127.0.0.1:{upstream.port}",
-            "--listen", f"tcp:{port}:interface=127.0.0.1",
-        ]
+        argv += self.hermuxOptions(name, upstream, port)
         proc = self.procs.start(name, argv, os.path.join(self.tmp, f"{name}.out"), cwd=REPO)
         proc.waitForPort(port)
         self.hermuxLogs.append(proc)
