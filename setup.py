@@ -13,7 +13,7 @@ setup(
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"])
     + ["twisted.plugins"],
     install_requires=[
-        "Twisted[tls]>=24.7",
+        "Twisted[tls]>=25.5",
         "treq>=24.9",
         "service-identity>=24.1",
         "pyOpenSSL>=24.0",

@@ -146,7 +146,15 @@ class HermuxSite(server.Site):
         reactor=None,
         **kwargs,
     ):
-        super().__init__(root, timeout=clientTimeout, reactor=reactor, **kwargs)
+        # hermux forwards bodies as they are: Twisted's parsing of form
+        # bodies into request.args would only cost time on every POST.
+        super().__init__(
+            root,
+            timeout=clientTimeout,
+            reactor=reactor,
+            parsePOSTFormSubmission=False,
+            **kwargs,
+        )
         self.maxBody = maxBody
         self.maxConnections = maxConnections
         self.metrics = metrics if metrics is not None else Metrics()
