@@ -9,6 +9,8 @@ import re
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate
 from twisted.web.client import (
     Agent,
@@ -17,7 +19,9 @@ from twisted.web.client import (
     _HTTP11ClientFactory,
 )
 from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol, ParseError
-from twisted.web.iweb import IAgent
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer
 
 # The most of a response head hermux reads from the upstream: nginx's
 # default for a proxied response head is 4 or 8 KiB.
@@ -148,6 +152,34 @@ def _guardParser(parser) -> None:
     parser.lineReceived = countedLineReceived
 
 
+@implementer(IAgentEndpointFactory)
+class _UpstreamEndpoints:
+    """
+    Endpoints as an L{Agent} makes them by default (TCP, and TLS verified by
+    C{policy} for https), but made once per host rather than per request.
+    """
+
+    def __init__(self, reactor, policy: BrowserLikePolicyForHTTPS, connectTimeout: float):
+        self._reactor = reactor
+        self._policy = policy
+        self._connectTimeout = connectTimeout
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri) -> IStreamClientEndpoint:
+        where = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(where)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+            endpoint = HostnameEndpoint(
+                self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connectTimeout
+            )
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            self._endpoints[where] = endpoint
+        return endpoint
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     """
     The pool's connection factory, without a log line for every upstream
@@ -176,10 +208,8 @@ def connectToUpstream(
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = maxIdleConnections
     pool._factory = _QuietClientFactory
-    agent = Agent(
-        reactor,
-        contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trustRoot),
-        connectTimeout=connectTimeout,
-        pool=pool,
+    endpoints = _UpstreamEndpoints(
+        reactor, BrowserLikePolicyForHTTPS(trustRoot=trustRoot), connectTimeout
     )
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return Upstream(base, agent, pool)
