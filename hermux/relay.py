@@ -30,7 +30,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from hermux.config import Key
@@ -56,7 +56,9 @@ class BufferedBody:
         self.length = len(data)
 
     def startProducing(self, consumer):
-        consumer.write(self._data)
+        # Written once: a retry makes a new body from the request's.
+        data, self._data = self._data, b""
+        consumer.write(data)
         return succeed(None)
 
     def pauseProducing(self):
@@ -81,6 +83,10 @@ def _requestBody(request) -> IBodyProducer | None:
     return BufferedBody(data)
 
 
+def _nothing():
+    pass
+
+
 class _Watchdog:
     """
     Calls C{onIdle} when C{kick} has not been called for C{timeout} seconds.
@@ -88,7 +94,7 @@ class _Watchdog:
 
     def __init__(self, reactor, timeout: float):
         self.fired = False
-        self.onIdle: Callable[[], object] = lambda: None
+        self.onIdle: Callable[[], object] = _nothing
         self._timeout = timeout
         self._call = reactor.callLater(timeout, self._fire)
 
@@ -99,6 +105,9 @@ class _Watchdog:
     def stop(self):
         if self._call.active():
             self._call.cancel()
+        # onIdle refers to a body protocol that refers back to kick: free
+        # them now rather than when the cyclic garbage collector runs.
+        self.onIdle = _nothing
 
     def _fire(self):
         self.fired = True
@@ -303,7 +312,7 @@ class _Exchange:
         if response.code in KEY_STATUSES:
             return await self._settleKeyAnswer(response, key)
         self._relay.pool.report(key, classify(response.code, response.headers, b"", self._now()))
-        self._sendHead(response, key)
+        self._sendHead(response, key, response.length)
         await self._relayBody(response)
         return False
 
@@ -319,7 +328,7 @@ class _Exchange:
         verdict = classify(response.code, response.headers, body, self._now())
         self._relay.pool.report(key, verdict)
         if not verdict.penalizes:
-            self._sendHead(response, key)
+            self._sendHead(response, key, len(body))
             self._request.write(body)
             self._request.finish()
             return False
@@ -409,7 +418,12 @@ class _Exchange:
             self._answerError(key, 502, "the upstream's error answer could not be read")
             return None
 
-    def _sendHead(self, response, key: Key) -> None:
+    def _sendHead(self, response, key: Key, length) -> None:
+        """
+        Send the upstream's status and headers to the client, with the
+        length of the body to follow if it is known (Twisted's client takes
+        Content-Length out of the headers).
+        """
         request = self._request
         request.setResponseCode(response.code, response.phrase)
         request.defaultContentType = None
@@ -418,6 +432,10 @@ class _Exchange:
         if requestId is not None:
             request.responseHeaders.setRawHeaders(b"X-Request-Id", requestId)
         request.setHeader(b"X-Token-Name", key.name.encode("ascii"))
+        if length is not UNKNOWN_LENGTH and request.method != b"HEAD" and response.code not in (204, 304):
+            request.setHeader(b"Content-Length", b"%d" % (length,))
+        # No retry once the answer has begun: the body can go.
+        request.content = None
         # Send the head now: a streaming client sees it before the first event.
         request.write(b"")
 

@@ -568,3 +568,26 @@ class UpstreamTLSTests(TestCase):
         message = json.loads(await response.content())["error"]["message"]
         self.assertIn("TLS certificate", message)
         self.assertEqual(proxy.fake.received, [])
+
+
+class FramingTests(TestCase):
+    async def test_lengthOrChunks(self):
+        """
+        An answer of known length keeps its Content-Length through hermux;
+        a stream of unknown length is chunked.
+        """
+        proxy = Proxy(self)
+        head = lambda raw: raw.split(b"\r\n\r\n", 1)[0].lower()
+        answer = await proxy.raw(
+            b"GET /api/v1/models HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer "
+            + ACCESS_TOKEN.encode() + b"\r\nConnection: close\r\n\r\n"
+        )
+        self.assertIn(b"content-length:", head(answer))
+        self.assertNotIn(b"transfer-encoding", head(answer))
+        body = chatBody(stream=True)
+        answer = await proxy.raw(
+            b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer "
+            + ACCESS_TOKEN.encode() + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+            + body
+        )
+        self.assertIn(b"transfer-encoding: chunked", head(answer))

@@ -5,6 +5,9 @@ client, a stub agent for the upstream, and a L{Clock} for time.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 from OpenSSL.SSL import Error as TLSError
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
@@ -14,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent
 from zope.interface import implementer
 
 from hermux.access import AccessList
@@ -64,12 +67,13 @@ class _StubResponse:
     protocol it was given, over a L{StringTransport}.
     """
 
-    def __init__(self, code=200, headers=None):
+    def __init__(self, code=200, headers=None, length=UNKNOWN_LENGTH):
         self.version = (b"HTTP", 1, 1)
         self.code = code
         self.phrase = b"OK" if code == 200 else b"Whatever"
+        # Like Twisted's client: Content-Length is taken out of the headers.
         self.headers = Headers(headers or {})
-        self.length = None
+        self.length = length
         self.transport = StringTransport()
         self.protocol = None
 
@@ -100,8 +104,8 @@ class RelayTestCase(SynchronousTestCase):
         [pending] = self.agent.requests
         return pending
 
-    def answer(self, pending, code=200, headers=None) -> _StubResponse:
-        response = _StubResponse(code, headers)
+    def answer(self, pending, code=200, headers=None, length=UNKNOWN_LENGTH) -> _StubResponse:
+        response = _StubResponse(code, headers, length)
         pending.response.callback(response)
         return response
 
@@ -146,8 +150,8 @@ class ForwardingTests(RelayTestCase):
                 b"x-secret-hop": [b"1"],
                 b"keep-alive": [b"timeout=5"],
                 b"set-cookie": [b"a=b"],
-                b"content-length": [b"2"],
             },
+            length=2,
         )
         response.protocol.dataReceived(b"{}")
         response.protocol.connectionLost(Failure(ResponseDone()))
@@ -322,3 +326,70 @@ class BodyLimitTests(RelayTestCase):
     def test_atTheLimit(self):
         self.send(body=b"x" * 1000)
         self.assertEqual(len(self.agent.requests), 1)
+
+
+class EconomyTests(RelayTestCase):
+    """
+    What the relay does not keep or do, since it costs memory or time on
+    every request.
+    """
+
+    def test_lengthIsPassedOn(self):
+        """
+        A known body length goes to the client as Content-Length, so the
+        answer is not re-chunked.
+        """
+        response = self.answer(self.send(), length=11)
+        head = self.clientSaw()
+        self.assertIn(b"Content-Length: 11\r\n", head)
+        self.assertNotIn(b"Transfer-Encoding", head)
+        response.protocol.dataReceived(b"hello world")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.assertTrue(self.clientSaw().endswith(b"\r\n\r\nhello world"))
+
+    def test_noLengthForNoContent(self):
+        self.answer(self.send(), code=204, length=0)
+        self.assertNotIn(b"Content-Length", self.clientSaw())
+
+    def test_bodyIsFreedOnceAnswered(self):
+        """
+        The client's request body is held while another key may need it,
+        and let go once the answer has begun.
+        """
+        pending = self.send(body=b'{"big": "prompt"}')
+        [request] = self.channel.requests
+        self.assertIsNotNone(request.content)
+        consumer = StringTransport()
+        pending.body.startProducing(consumer)
+        self.assertEqual(pending.body._data, b"")
+        self.answer(pending)
+        self.assertIsNone(request.content)
+
+    def test_formsAreNotParsed(self):
+        """
+        A form-encoded body is forwarded as it is, not parsed into
+        request.args on the way.
+        """
+        body = b"a=1&b=2"
+        pending = self.send(body=body, extra=b"Content-Type: application/x-www-form-urlencoded\r\n")
+        [request] = self.channel.requests
+        self.assertEqual(request.args, {})
+        consumer = StringTransport()
+        pending.body.startProducing(consumer)
+        self.assertEqual(consumer.value(), body)
+
+    def test_exchangeNeedsNoCyclicCollection(self):
+        """
+        Once a response is over, what relayed it is freed by reference
+        counting alone, without waiting for the cyclic garbage collector.
+        """
+        response = self.answer(self.send())
+        protocol = weakref.ref(response.protocol)
+        response.protocol.dataReceived(b"data: x\n\n")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        response.protocol = None
+        gc.disable()
+        try:
+            self.assertIsNone(protocol())
+        finally:
+            gc.enable()
