@@ -75,7 +75,9 @@ def loadavg() -> str:
 _PROBLEM = re.compile(r"#(warn|error|critical)\]|Traceback|Unhandled [Ee]rror")
 _OUTCOME = re.compile(r" from \S+ \((.+)\)\s*$")
 # hermux's line, or a combined-log-format line of twisted.web's Site.
-_REQUEST = re.compile(r"\] [A-Z]+ \S+ -> |\"[A-Z]+ \S+ HTTP/1\.[01]\" \d{3} ")
+# hermux's "<request id> POST /path -> 200 ..." and the naive proxy's
+# combined log format.
+_REQUEST = re.compile(r"\] (?:[0-9A-Za-z._:-]+ )?[A-Z]+ \S+ -> |\"[A-Z]+ \S+ HTTP/1\.[01]\" \d{3} ")
 
 
 def scanLog(path: str) -> dict:

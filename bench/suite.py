@@ -159,10 +159,18 @@ class Run:
         proc.waitForPort(port)
         return Target(f"direct ({name})", port, ACCESS_TOKEN, [proc.pid])
 
+    @staticmethod
+    def maxConnections() -> int:
+        """
+        As many client connections as hermux's open-file limit allows (it
+        needs two descriptors for each, and some to spare).
+        """
+        return (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 256) // 2
+
     def hermuxOptions(self, name: str, upstream: Target, port: int) -> list[str]:
         """
         hermux's own options for a run: a state file of its own (several
-        run at once), and room for the 10,000-stream test.
+        run at once), and room for the many-streams test.
         """
         return [
             "hermux",
@@ -171,7 +179,7 @@ class Run:
             "--state", os.path.join(self.tmp, f"{name}.sqlite3"),
             "--upstream", f"http://127.0.0.1:{upstream.port}",
             "--listen", f"tcp:{port}:interface=127.0.0.1",
-            "--max-connections", "20000",
+            "--max-connections", str(self.maxConnections()),
         ]
 
     def startHermux(self, name: str, upstream: Target, *, logging: bool = True) -> Target:
@@ -537,7 +545,7 @@ class Run:
                     # upstream).  Without CAP_SYS_RESOURCE the hard limit may
                     # be too low for the number asked: take what fits.
                     fits = (self.results["fdLimit"] - self.process(target).files() - 40) // 2
-                    count = min(args.many_streams, fits)
+                    count = min(args.many_streams, fits, self.maxConnections())
                     if count < args.many_streams:
                         self.results["errors"].append(
                             f"{count} streams instead of {args.many_streams}: the "
