@@ -28,14 +28,12 @@ from bench.suite import ACCESS_TOKEN, HERE, REPO, Run, Target
 # name -> (patches, twistd log option, what it stands for)
 VARIANTS = {
     "hermux": ("", "--logfile=-", "hermux as it is (log to stdout, as everywhere in the benchmark)"),
-    "noformparse": ("noformparse", "--logfile=-", "Site(parsePOSTFormSubmission=False)"),
-    "directagent": ("directagent", "--logfile=-", "endpoint, pool key and Host computed once"),
-    "contentlength": ("contentlength", "--logfile=-", "pass Content-Length through instead of chunking"),
-    "breakcycle": ("breakcycle", "--logfile=-", "no watchdog/body-relay reference cycle per request"),
+    "directagent": ("directagent", "--logfile=-", "URI, endpoint, pool key and Host computed once"),
+    "gcfreeze": ("gcfreeze", "--logfile=-", "gc.freeze() after startup, youngest generation at 10,000"),
+    "cheapid": ("cheapid", "--logfile=-", "request ids from a seeded PRNG, not the kernel"),
     "fastlog": ("", "--logger=bench.quietlog.fastObserver", "str.format, timestamp per second, batched writes"),
     "nolog": ("", "--logger=bench.quietlog.observer", "log events emitted, then dropped (lower bound)"),
-    "all": ("noformparse,directagent,contentlength,breakcycle", "--logger=bench.quietlog.fastObserver",
-            "all of the above but nolog"),
+    "all": ("directagent,gcfreeze,cheapid", "--logger=bench.quietlog.fastObserver", "all of the above but nolog"),
 }
 
 

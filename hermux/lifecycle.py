@@ -7,6 +7,7 @@ final counts are written, and exits with status 0.
 
 from __future__ import annotations
 
+import gc
 import signal
 
 from twisted.application.service import IService, MultiService
@@ -41,7 +42,14 @@ class HermuxService(MultiService):
 
     def startService(self):
         super().startService()
-        # After the reactor's own handlers, which this one replaces.
+        # Each request makes a few hundred short-lived containers that
+        # reference counting frees: collecting the youngest generation every
+        # 700 allocations finds nothing, and the objects made at startup
+        # need never be looked at again.  (About 6% of the CPU per request.)
+        self._gcThresholds = gc.get_threshold()
+        gc.freeze()
+        gc.set_threshold(10_000, 20, 20)
+        # After the reactor's own signal handlers, which this one replaces.
         self._reactor.callWhenRunning(self._handleSIGTERM)
 
     def _handleSIGTERM(self):
@@ -59,6 +67,8 @@ class HermuxService(MultiService):
         if self._previousTermHandler is not None:
             signal.signal(signal.SIGTERM, self._previousTermHandler)
             self._previousTermHandler = None
+        gc.set_threshold(*self._gcThresholds)
+        gc.unfreeze()
         return ensureDeferred(self._stop())
 
     async def _stop(self):

@@ -6,9 +6,9 @@ L{hermux.channel}) are counted, bounded, and drained when hermux stops.
 
 from __future__ import annotations
 
+import random
 import re
 import resource
-import secrets
 from io import BytesIO
 
 from twisted.internet.task import deferLater
@@ -21,6 +21,9 @@ from hermux.metrics import Metrics
 
 # A request id a client may choose: short, and safe in a log line or header.
 _CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+# Request ids need to be distinct, not secret: a generator seeded once from
+# the system's randomness costs no system call per request.
+_requestIds = random.Random()
 
 
 class HermuxRequest(server.Request):
@@ -78,7 +81,7 @@ class HermuxRequest(server.Request):
         self._started = site.reactor.seconds()
         requestId = self.getHeader(b"x-request-id")
         if requestId is None or not _CLIENT_REQUEST_ID.fullmatch(requestId):
-            requestId = secrets.token_hex(8).encode("ascii")
+            requestId = b"%016x" % (_requestIds.getrandbits(64),)
         self.requestId = requestId.decode("ascii")
         self.setHeader(b"X-Request-Id", requestId)
         site.metrics.inFlight.inc()

@@ -98,6 +98,17 @@ class Upstream(Service):
         self.agent = agent
         self._pool = pool
 
+    @property
+    def base(self) -> bytes:
+        return self._base
+
+    @base.setter
+    def base(self, base: bytes) -> None:
+        self._base = base
+        # The base is scheme://host[:port] with the port only where it is
+        # not the default: its netloc is exactly the Host header to send.
+        self.host = base.partition(b"://")[2]
+
     def stopService(self):
         super().stopService()
         if self._pool is not None:
@@ -106,8 +117,10 @@ class Upstream(Service):
     def request(self, method: bytes, target: bytes, headers, bodyProducer):
         """
         Send one request; C{target} is the path and query to append to the
-        base URL.
+        base URL.  C{headers} get the upstream's Host (so that the agent
+        need not copy them to add it).
         """
+        headers.setRawHeaders(b"Host", [self.host])
         return self.agent.request(method, self.base + target, headers, bodyProducer)
 
 

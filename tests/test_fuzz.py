@@ -285,10 +285,8 @@ class _WireAgent:
 
     def request(self, method, uri, headers=None, bodyProducer=None):
         assert uri.startswith(BASE), uri
-        # As the Agent does: the client's Host never gets this far.
-        headers = headers.copy()
-        assert not headers.hasHeader(b"host"), headers
-        headers.setRawHeaders(b"host", [BASE.split(b"//")[1]])
+        # The only Host is the upstream's, never the client's.
+        assert headers.getRawHeaders(b"host") == [BASE.split(b"//")[1]], headers
         transport = StringTransport()
         ClientRequest._construct(
             method, uri[len(BASE) :], headers, bodyProducer, persistent=True

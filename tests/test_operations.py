@@ -5,6 +5,7 @@ dropping requests, metrics, TLS listening and request ids.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -258,6 +259,20 @@ class DrainTests(TestCase):
         self.assertLess(reactor.seconds() - started, 3.0)
         await self.assertFailure(pending, ResponseNeverReceived)
         await self.proxy.fake.received[0].lost
+
+    async def test_collectorTunedWhileServing(self):
+        """
+        While hermux serves, startup objects are frozen out of the garbage
+        collector and the youngest generation is collected less often; both
+        are put back when it stops.
+        """
+        before = gc.get_threshold()
+        service = self.build()
+        self.assertEqual(gc.get_threshold(), (10_000, 20, 20))
+        self.assertGreater(gc.get_freeze_count(), 0)
+        await service.stopService()
+        self.assertEqual(gc.get_threshold(), before)
+        self.assertEqual(gc.get_freeze_count(), 0)
 
     async def test_idleConnectionsCloseAtOnce(self):
         service = self.build(drainTimeout=20.0)

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 
-from hermux.upstream import _UpstreamEndpoints
+from hermux.upstream import Upstream, _UpstreamEndpoints
 
 
 class EndpointTests(SynchronousTestCase):
@@ -38,3 +38,17 @@ class EndpointTests(SynchronousTestCase):
         self.assertRaises(
             SchemeNotSupported, self.endpoints.endpointForURI, URI.fromBytes(b"ftp://x/y")
         )
+
+
+class HostTests(SynchronousTestCase):
+    def test_hostFollowsTheBase(self):
+        """
+        The Host sent upstream is the base URL's host and port, also when
+        the base changes (as the demo's does when it starts).
+        """
+        upstream = Upstream(b"https://openrouter.ai", object())
+        self.assertEqual(upstream.host, b"openrouter.ai")
+        upstream.base = b"http://127.0.0.1:4321"
+        self.assertEqual(upstream.host, b"127.0.0.1:4321")
+        upstream.base = b"http://[::1]:81"
+        self.assertEqual(upstream.host, b"[::1]:81")
