@@ -42,13 +42,9 @@ class HermuxService(MultiService):
 
     def startService(self):
         super().startService()
-        # Each request makes a few hundred short-lived containers that
-        # reference counting frees: collecting the youngest generation every
-        # 700 allocations finds nothing, and the objects made at startup
-        # need never be looked at again.  (About 6% of the CPU per request.)
-        self._gcThresholds = gc.get_threshold()
+        # What startup made lives as long as hermux: the cyclic garbage
+        # collector need never look at it again.
         gc.freeze()
-        gc.set_threshold(10_000, 20, 20)
         # After the reactor's own signal handlers, which this one replaces.
         self._reactor.callWhenRunning(self._handleSIGTERM)
 
@@ -67,7 +63,6 @@ class HermuxService(MultiService):
         if self._previousTermHandler is not None:
             signal.signal(signal.SIGTERM, self._previousTermHandler)
             self._previousTermHandler = None
-        gc.set_threshold(*self._gcThresholds)
         gc.unfreeze()
         return ensureDeferred(self._stop())
 

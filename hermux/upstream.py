@@ -160,6 +160,11 @@ def _guardParser(parser) -> None:
                 # would relay it to the client.
                 raise ParseError("NUL in the response head", line[:64])
         lineReceived(line)
+        if parser.state not in (STATUS, HEADER):
+            # The head is over: let the parser's own methods back, so that
+            # it and these functions do not hold each other until the
+            # cyclic garbage collector runs.
+            del parser.statusReceived, parser.lineReceived
 
     parser.statusReceived = checkedStatusReceived
     parser.lineReceived = countedLineReceived

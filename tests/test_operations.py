@@ -260,18 +260,14 @@ class DrainTests(TestCase):
         await self.assertFailure(pending, ResponseNeverReceived)
         await self.proxy.fake.received[0].lost
 
-    async def test_collectorTunedWhileServing(self):
+    async def test_startupObjectsFrozenWhileServing(self):
         """
-        While hermux serves, startup objects are frozen out of the garbage
-        collector and the youngest generation is collected less often; both
-        are put back when it stops.
+        While hermux serves, what startup made is frozen out of the garbage
+        collector's sight; it is put back when hermux stops.
         """
-        before = gc.get_threshold()
         service = self.build()
-        self.assertEqual(gc.get_threshold(), (10_000, 20, 20))
         self.assertGreater(gc.get_freeze_count(), 0)
         await service.stopService()
-        self.assertEqual(gc.get_threshold(), before)
         self.assertEqual(gc.get_freeze_count(), 0)
 
     async def test_idleConnectionsCloseAtOnce(self):
