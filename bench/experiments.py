@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
-import signal
 import statistics
-import sys
-import tempfile
 
 from bench import nginx
-from bench.procs import Processes, freePort
+from bench.procs import Processes, freePort, prepare
 from bench.report import summarizeLoad
 from bench.suite import ACCESS_TOKEN, HERE, REPO, Run, Target
 
@@ -67,10 +63,7 @@ def main(argv) -> int:
     args.big_mb = 0
     args.command = "bench/run experiments " + " ".join(argv)
     names = [n for n in args.variants.split(",") if n]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    tmp = tempfile.mkdtemp(prefix="hermux-experiments-")
+    tmp = prepare("hermux-experiments-")
     procs = Processes()
     try:
         run = Experiments(args, tmp, procs)

@@ -9,13 +9,27 @@ over, whatever happens.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def prepare(prefix: str) -> str:
+    """
+    Ready this process to run a benchmark: as many open files as it may
+    have (its children inherit the limit), SIGTERM stopping the processes
+    started so far as ^C does, and a new temporary directory, returned.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return tempfile.mkdtemp(prefix=prefix)
 
 
 def cpuSeconds(pid: int) -> float:

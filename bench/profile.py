@@ -28,12 +28,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 
 from bench import nginx
-from bench.procs import Processes, freePort
+from bench.procs import Processes, freePort, prepare
 from bench.suite import ACCESS_TOKEN, HERE, REPO, TWISTD, Run, Target
 
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -318,12 +317,7 @@ def main(argv) -> int:
     args.command = "bench/run profile " + " ".join(argv)
     args.duration = args.seconds
     os.makedirs(args.out, exist_ok=True)
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    tmp = tempfile.mkdtemp(prefix="hermux-profile-")
+    tmp = prepare("hermux-profile-")
     procs = Processes()
     try:
         profiler = Profiler(args, tmp, procs)

@@ -16,10 +16,8 @@ import os
 import queue
 import resource
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -28,7 +26,7 @@ import urllib.request
 import attr
 
 from bench import clients, nginx, report, wrk
-from bench.procs import Processes, childPids, cpuSeconds, freePort
+from bench.procs import Processes, childPids, cpuSeconds, freePort, prepare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -600,11 +598,7 @@ def main(argv=None) -> int:
     if missing:
         print(f"bench: missing {', '.join(missing)}: apt-get install -y {' '.join(missing)}", file=sys.stderr)
         return 2
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    # Stop the processes started so far on SIGTERM too, not only on ^C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    tmp = tempfile.mkdtemp(prefix="hermux-bench-")
+    tmp = prepare("hermux-bench-")
     procs = Processes()
     started = time.monotonic()
     try:

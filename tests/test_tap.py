@@ -58,11 +58,15 @@ def writeConfiguration(testCase, keys=KEYS, accessTokens=(ACCESS_TOKEN,)):
     return tokens, allow
 
 
+def parseOptions(*args) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
 class OptionsTests(SynchronousTestCase):
     def parse(self, *args) -> Options:
-        options = Options()
-        options.parseOptions(list(args))
-        return options
+        return parseOptions(*args)
 
     def test_defaults(self):
         options = self.parse()
@@ -130,9 +134,7 @@ class HostileOptionsTests(SynchronousTestCase):
     """
 
     def parse(self, *args) -> Options:
-        options = Options()
-        options.parseOptions(list(args))
-        return options
+        return parseOptions(*args)
 
     def test_defaults(self):
         options = self.parse()
