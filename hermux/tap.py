@@ -150,11 +150,7 @@ class Options(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, description):
-        """
-        Where to listen, as a strports description (repeatable; default
-        tcp:3333:interface=127.0.0.1).  Examples: tcp:8080, tcp6:3333,
-        unix:/run/hermux.sock, ssl:8443:privateKey=key.pem:certKey=cert.pem.
-        """
+        """Where to listen, as a strports description; repeatable (default tcp:3333:interface=127.0.0.1). Examples: tcp:8080, tcp6:3333, unix:/run/hermux.sock, ssl:8443:privateKey=key.pem:certKey=cert.pem."""  # noqa: E501 (twistd --help keeps a docstring's line breaks and indentation)
         self["listen"].append(description)
 
     def postOptions(self):
