@@ -114,18 +114,40 @@ class _Watchdog:
         self.onIdle()
 
 
-class _BodyRelay(Protocol):
+class _BodyReader(Protocol):
+    """
+    Reads an upstream response body.  C{done} fires with L{result} when the
+    body is complete, fails if the upstream broke, and aborts the upstream
+    read if it is cancelled.
+    """
+
+    def __init__(self, kick: Callable[[], None]):
+        self._kick = kick
+        self.done: Deferred = Deferred(lambda _: self.abort())
+
+    def connectionLost(self, reason):
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(self.result())
+        else:
+            self.done.errback(reason)
+
+    def abort(self):
+        self.transport.stopProducing()
+
+    def result(self):
+        return None
+
+
+class _BodyRelay(_BodyReader):
     """
     Writes an upstream response body to the client's request as it arrives.
-
-    C{done} fires when the body is complete, fails if the upstream broke,
-    and aborts the upstream read if it is cancelled.
     """
 
     def __init__(self, request, kick: Callable[[], None]):
+        super().__init__(kick)
         self._request = request
-        self._kick = kick
-        self.done: Deferred[None] = Deferred(lambda _: self.abort())
 
     def connectionMade(self):
         self._request.registerProducer(self.transport, True)
@@ -133,17 +155,6 @@ class _BodyRelay(Protocol):
     def dataReceived(self, data: bytes):
         self._kick()
         self._request.write(data)
-
-    def connectionLost(self, reason):
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
-
-    def abort(self):
-        self.transport.stopProducing()
 
 
 def _causes(failure):
@@ -177,20 +188,17 @@ def _describeFailure(failure) -> tuple[int, str]:
     return 502, "the upstream request failed"
 
 
-class _BodyCollector(Protocol):
+class _BodyCollector(_BodyReader):
     """
-    Reads a short upstream response body (an error answer) into memory.
-
-    C{done} fires with the body, fails if the upstream broke or the body is
-    longer than C{limit}, and aborts the upstream read if it is cancelled.
+    Reads a short upstream response body (an error answer) into memory; it
+    fails if the body is longer than C{limit}.
     """
 
     def __init__(self, limit: int, kick: Callable[[], None]):
+        super().__init__(kick)
         self._limit = limit
-        self._kick = kick
         self._parts: list[bytes] = []
         self._length = 0
-        self.done: Deferred[bytes] = Deferred(lambda _: self.abort())
 
     def dataReceived(self, data: bytes):
         self._kick()
@@ -201,16 +209,8 @@ class _BodyCollector(Protocol):
             return
         self._parts.append(data)
 
-    def connectionLost(self, reason):
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._parts))
-        else:
-            self.done.errback(reason)
-
-    def abort(self):
-        self.transport.stopProducing()
+    def result(self) -> bytes:
+        return b"".join(self._parts)
 
 
 class _TooLong(Exception):

@@ -88,8 +88,8 @@ class RelayTestCase(SynchronousTestCase):
         self.agent = _StubAgent()
         upstream = Upstream(b"https://upstream.test", self.agent)
         self.pool = KeyPool([KEY], reactor=self.clock)
-        relay = Relay(upstream, self.pool, idleTimeout=IDLE, reactor=self.clock)
-        root = buildRoot(self.pool, AccessList([ACCESS_TOKEN.decode()]), relay)
+        self.relay = Relay(upstream, self.pool, idleTimeout=IDLE, reactor=self.clock)
+        root = buildRoot(self.pool, AccessList([ACCESS_TOKEN.decode()]), self.relay)
         site = HermuxSite(root, maxBody=1000, reactor=self.clock)
         self.channel = site.buildProtocol(None)
         self.client = StringTransport()
@@ -393,3 +393,31 @@ class EconomyTests(RelayTestCase):
             self.assertIsNone(protocol())
         finally:
             gc.enable()
+
+
+class ErrorAnswerTests(RelayTestCase):
+    """
+    An answer that may be about the key is read whole before hermux
+    decides; it is read only so far.
+    """
+
+    def test_tooLongErrorAnswer(self):
+        """
+        An error answer longer than the relay reads into memory stops the
+        upstream read and gets the client a 502, not a retry.
+        """
+        self.relay.errorBodyLimit = 10
+        response = self.answer(self.send(), code=429)
+        response.protocol.dataReceived(b'{"error": {"code": 429, "message": "long"}}')
+        self.assertEqual(response.transport.producerState, "stopped")
+        response.protocol.connectionLost(Failure(ResponseFailed([Failure(error.ConnectionLost())])))
+        self.assertTrue(self.clientSaw().startswith(b"HTTP/1.1 502 "))
+        self.assertIn(b"could not be read", self.clientSaw())
+        self.assertEqual(len(self.agent.requests), 1)
+
+    def test_brokenErrorAnswer(self):
+        response = self.answer(self.send(), code=402)
+        response.protocol.dataReceived(b'{"error": ')
+        response.protocol.connectionLost(Failure(ResponseFailed([Failure(error.ConnectionLost())])))
+        self.assertTrue(self.clientSaw().startswith(b"HTTP/1.1 502 "))
+        self.assertEqual(len(self.agent.requests), 1)
