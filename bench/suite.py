@@ -180,11 +180,17 @@ class Run:
             "--max-connections", str(self.maxConnections()),
         ]
 
-    def startHermux(self, name: str, upstream: Target, *, logging: bool = True) -> Target:
+    def startHermux(self, name: str, upstream: Target, *, logging: str = "twistd") -> Target:
+        """
+        hermux, with its request lines in twistd's log (C{logging="twistd"}),
+        in an access log file (C{"file"}), or dropped (C{"off"}).
+        """
         port = freePort()
         argv = [self.python, "-c", TWISTD, "-n", "--pidfile="]
-        argv += ["--logfile=-"] if logging else ["--logger=bench.quietlog.observer"]
+        argv += ["--logger=bench.quietlog.observer"] if logging == "off" else ["--logfile=-"]
         argv += self.hermuxOptions(name, upstream, port)
+        if logging == "file":
+            argv += ["--access-log", os.path.join(self.tmp, f"{name}.access.log")]
         proc = self.procs.start(name, argv, os.path.join(self.tmp, f"{name}.out"), cwd=REPO)
         proc.waitForPort(port)
         self.hermuxLogs.append(proc)
@@ -499,10 +505,11 @@ class Run:
 
         if not ({"chat", "sse"} <= set(args.skip)):
             hermux = self.startHermux("hermux", direct)
-            quiet = self.startHermux("hermux-nolog", direct, logging=False)
+            accessLog = self.startHermux("hermux-accesslog", direct, logging="file")
+            quiet = self.startHermux("hermux-nolog", direct, logging="off")
             naive = self.startNaive("naive", direct)
-            targets = [direct, naive, hermux, quiet]
-            self.smokeTest([naive, hermux, quiet], direct)
+            targets = [direct, naive, hermux, accessLog, quiet]
+            self.smokeTest([naive, hermux, accessLog, quiet], direct)
             if "chat" not in args.skip:
                 self.log("chat completions (JSON)")
                 self.results["chat"] = self.interleaved(
@@ -514,7 +521,7 @@ class Run:
                     "sse", targets[:3], nginx.SSE_PATH, nginx.STREAM_REQUEST,
                     rounds=args.sse_rounds, connections=args.sse_connections, upstream=direct)
             self.results["hermuxCpuTotal"] = hermux.cpu()
-            for target in (quiet, naive, hermux):
+            for target in (quiet, accessLog, naive, hermux):
                 self.stopTarget(target)
 
         if "ttfb" not in args.skip:
@@ -568,6 +575,9 @@ class Run:
         self.results["logs"] = {
             p.name: report.scanLog(p.logPath) for p in self.hermuxLogs + self.naiveLogs
         }
+        accessLog = os.path.join(self.tmp, "hermux-accesslog.access.log")
+        if os.path.exists(accessLog):
+            self.results["logs"]["hermux-accesslog (--access-log)"] = report.scanLog(accessLog)
         for name, scan in self.results["logs"].items():
             if scan["problems"]:
                 self.results["errors"].append(f"{name}: {scan['problems']} warning/error/traceback log lines")

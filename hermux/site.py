@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 
 from hermux.channel import HermuxChannel, peerText
 from hermux.metrics import Metrics
+from hermux.requestlog import IRequestLog, RequestLogEvents
 
 # A request id a client may choose: short, and safe in a log line or header.
 _CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
@@ -31,7 +32,8 @@ class HermuxRequest(server.Request):
     A request that never buffers a body past the site's C{maxBody} (it is
     refused with 413 as soon as it is known to be larger), nor the body of
     a request without a valid access token, which no upstream will see;
-    and that logs one line when it is over, however it ended.
+    and that logs one line when it is over, however it ended, to the
+    site's C{requestLog}.
 
     The resources annotate it for that line: C{clientLabel} and C{keyName}
     once known, C{outcome} when the exchange ended other than normally.
@@ -39,8 +41,6 @@ class HermuxRequest(server.Request):
     @ivar requestId: the client's C{X-Request-Id} if it sent a sane one, a
         new random one otherwise; sent back in C{X-Request-Id} and logged.
     """
-
-    _log = Logger()
 
     clientLabel: str | None = None
     keyName: str | None = None
@@ -102,20 +102,20 @@ class HermuxRequest(server.Request):
             self.outcome = "client went away"
         self.site.metrics.inFlight.dec()
         self.site.metrics.requestDone(self.keyName, status, self.sentLength)
-        self._log.info(
-            "{requestId} {method} {path} -> {status} via {key} for {client}: "
-            "{bytes} bytes in {duration:.3f}s from {peer}{outcomeNote}",
-            requestId=self.requestId,
-            method=self.method.decode("ascii", "replace"),
-            path=self.path.decode("ascii", "replace"),
-            status=status,
-            key=self.keyName or "-",
-            client=self.clientLabel or "-",
-            bytes=self.sentLength,
-            duration=self.site.reactor.seconds() - self._started,
-            peer=peerText(self.getClientAddress()),
-            outcome=self.outcome or "complete",
-            outcomeNote=f" ({self.outcome})" if self.outcome else "",
+        self.site.requestLog.record(
+            {
+                "requestId": self.requestId,
+                "method": self.method.decode("ascii", "replace"),
+                "path": self.path.decode("ascii", "replace"),
+                "status": status,
+                "key": self.keyName or "-",
+                "client": self.clientLabel or "-",
+                "bytes": self.sentLength,
+                "duration": self.site.reactor.seconds() - self._started,
+                "peer": peerText(self.getClientAddress()),
+                "outcome": self.outcome or "complete",
+                "outcomeNote": f" ({self.outcome})" if self.outcome else "",
+            }
         )
 
 
@@ -123,8 +123,8 @@ class HermuxSite(server.Site):
     """
     The site serving a hermux resource tree.
 
-    Requests log themselves (see L{HermuxRequest}), so the site's own
-    access log is off.
+    Requests log themselves (see L{HermuxRequest}) to C{requestLog}, so
+    the site's own access log is off.
 
     @ivar channels: the open client connections, at most C{maxConnections}.
     @ivar timeOut: seconds a client may stay idle between requests, and
@@ -146,6 +146,7 @@ class HermuxSite(server.Site):
         maxConnections: int = 1024,
         access=None,
         metrics: Metrics | None = None,
+        requestLog: IRequestLog | None = None,
         reactor=None,
         **kwargs,
     ):
@@ -161,6 +162,7 @@ class HermuxSite(server.Site):
         self.maxBody = maxBody
         self.maxConnections = maxConnections
         self.metrics = metrics if metrics is not None else Metrics()
+        self.requestLog = requestLog if requestLog is not None else RequestLogEvents()
         self.channels: set[HermuxChannel] = set()
         self._access = access
 

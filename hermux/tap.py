@@ -17,6 +17,7 @@ from hermux.metrics import Metrics
 from hermux.probe import KeyProbe
 from hermux.relay import Relay
 from hermux.reload import ConfigReloader
+from hermux.requestlog import AccessLogFile
 from hermux.resource import buildRoot
 from hermux.site import HermuxSite, ensureFileLimit
 from hermux.upstream import connectToUpstream, loadTrustRoot, parseUpstreamURL
@@ -77,6 +78,13 @@ class Options(usage.Options):
             None,
             "hermux.sqlite3",
             "SQLite file where daily usage counts are kept across restarts.",
+        ],
+        [
+            "access-log",
+            None,
+            None,
+            "File for the one line each request logs, written in batches once a "
+            "second and rotated at 10 MB and on SIGUSR1 (default: twistd's log).",
         ],
         [
             "upstream",
@@ -188,6 +196,15 @@ def _openLedger(options, reactor) -> SQLiteLedger:
         raise SystemExit(f"hermux: {e}")
 
 
+def _openAccessLog(options, reactor) -> AccessLogFile | None:
+    if options["access-log"] is None:
+        return None
+    try:
+        return AccessLogFile(options["access-log"], reactor=reactor)
+    except OSError as e:
+        raise SystemExit(f"hermux: --access-log {options['access-log']}: {e.strerror}")
+
+
 def makeService(options, reactor=None) -> HermuxService:
     """
     Build hermux's service tree from parsed L{Options}.
@@ -197,6 +214,7 @@ def makeService(options, reactor=None) -> HermuxService:
     keys, accessTokens = _loadConfiguration(options)
     metrics = Metrics()
     ledger = _openLedger(options, reactor)
+    accessLog = _openAccessLog(options, reactor)
     pool = KeyPool(keys, ledger=ledger, reactor=reactor)
     metrics.watch(pool)
     access = AccessList(accessTokens)
@@ -216,13 +234,17 @@ def makeService(options, reactor=None) -> HermuxService:
         maxConnections=options["max-connections"],
         access=access,
         metrics=metrics,
+        requestLog=accessLog,
         reactor=reactor,
     )
     ensureFileLimit(options["max-connections"])
 
     hermux = HermuxService(site, drainTimeout=options["drain-timeout"], reactor=reactor)
-    # Services stop last-added first: the ledger, added first, writes the
-    # final counts after everything else has stopped.
+    # Services stop last-added first: the access log and the ledger, added
+    # first, write the last lines and counts after everything else stopped.
+    if accessLog is not None:
+        accessLog.setName("access-log")
+        accessLog.setServiceParent(hermux)
     for name, service in (("ledger", ledger), ("keypool", pool), ("upstream", upstream)):
         service.setName(name)
         service.setServiceParent(hermux)

@@ -107,6 +107,7 @@ class Proxy:
         clientTimeout: float | None = 60.0,
         maxConnections: int = 1024,
         authFailures: int = 10,
+        requestLog=None,
     ):
         self._testCase = testCase
         self.fake = FakeOpenRouter(
@@ -147,6 +148,7 @@ class Proxy:
             maxConnections=maxConnections,
             access=self.access,
             metrics=self.metrics,
+            requestLog=requestLog,
         )
         self.port = self._listen(self.site)
         clientPool = HTTPConnectionPool(reactor, persistent=False)

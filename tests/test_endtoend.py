@@ -5,6 +5,7 @@ hermux end to end, over real loopback sockets, against the fake OpenRouter.
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import treq
@@ -15,6 +16,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseFailed
 
+from hermux.requestlog import AccessLogFile
 from hermux.testing import FAKE_ANSWER
 from tests.harness import (
     ACCESS_TOKEN,
@@ -528,6 +530,32 @@ class LogTests(TestCase):
         everything = "\n".join(formatEvent(event) + repr(event) for event in events)
         for secret in SECRETS:
             self.assertNotIn(secret, everything)
+
+
+    async def test_accessLogFileInstead(self):
+        """
+        With an access log file, the same lines go there, none to twistd's
+        log, and no secret either.
+        """
+        accessLog = AccessLogFile(os.path.abspath(self.mktemp()))
+        accessLog.startService()
+        with capturedLogs() as events:
+            proxy = Proxy(self, requestLog=accessLog)
+            response = await proxy.chat()
+            await response.content()
+            response = await proxy.request("GET", "/api/v1/models", token="wrong-" + ACCESS_TOKEN)
+            await response.content()
+            await accessLog.stopService()
+        self.assertEqual(
+            [e for e in events if e.get("log_namespace") == "hermux.site.HermuxRequest"], []
+        )
+        with open(accessLog.path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertRegex(lines[0], rf" POST {CHAT} -> 200 via ({'|'.join(KEY_NAMES)}) for client-")
+        self.assertRegex(lines[1], r" GET /api/v1/models -> 401 via - for -: \d+ bytes in ")
+        for secret in SECRETS:
+            self.assertNotIn(secret, "\n".join(lines))
 
 
 class UpstreamTLSTests(TestCase):

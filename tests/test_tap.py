@@ -27,6 +27,7 @@ from treq.client import HTTPClient
 from zope.interface import implementer
 
 from hermux.keypool import KeyPool
+from hermux.requestlog import AccessLogFile, RequestLogEvents
 from hermux.tap import DEFAULT_LISTEN, Options, makeService
 from hermux.testing import FakeOpenRouter, fakeSite
 from tests.harness import (
@@ -179,6 +180,49 @@ class HostileOptionsTests(SynchronousTestCase):
         throttle = site.resource.children[b"api"].gate.throttle
         self.assertEqual(throttle.failures, 3)
         self.assertIs(site.resource.children[b"v1"].gate.throttle, throttle)
+
+
+class AccessLogOptionTests(SynchronousTestCase):
+    """
+    --access-log moves the request lines from twistd's log to a file.
+    """
+
+    def test_defaultIsTwistdsLog(self):
+        tokens, allow = writeConfiguration(self)
+        options = parseOptions("--tokens", tokens, "--allow", allow, "--state", self.mktemp())
+        self.assertIsNone(options["access-log"])
+        service = makeService(options)
+        self.assertIsInstance(service.site.requestLog, RequestLogEvents)
+        self.assertNotIn("access-log", [s.name for s in service])
+
+    def test_wired(self):
+        """
+        The access log is the site's request log, and the service that
+        stops last, after the ledger: the lines of requests aborted while
+        draining are written too.
+        """
+        tokens, allow = writeConfiguration(self)
+        path = os.path.abspath(self.mktemp())
+        options = parseOptions(
+            "--tokens", tokens, "--allow", allow, "--state", self.mktemp(), "--access-log", path
+        )
+        service = makeService(options)
+        accessLog = service.getServiceNamed("access-log")
+        self.assertIsInstance(accessLog, AccessLogFile)
+        self.assertIs(service.site.requestLog, accessLog)
+        self.assertEqual(accessLog.path, path)
+        self.assertTrue(os.path.exists(path))
+        named = [s.name for s in service if s.name]
+        self.assertEqual(named[:2], ["access-log", "ledger"])
+
+    def test_unusablePathStopsWithOneLine(self):
+        tokens, allow = writeConfiguration(self)
+        path = os.path.join(os.path.abspath(self.mktemp()), "access.log")
+        options = parseOptions(
+            "--tokens", tokens, "--allow", allow, "--state", self.mktemp(), "--access-log", path
+        )
+        stop = self.assertRaises(SystemExit, makeService, options)
+        self.assertEqual(str(stop.code), f"hermux: --access-log {path}: No such file or directory")
 
 
 class ServiceTests(SynchronousTestCase):
@@ -380,6 +424,45 @@ class TwistdTests(TestCase):
         os.kill(pid, signal.SIGTERM)
         await waitUntil(lambda: not os.path.exists(pidfile), timeout=30)
         self.assertNotIn(DEMO_TOKEN.encode(), log())
+
+    async def test_accessLogRotatesWithTwistdsLog(self):
+        """
+        With --logfile and --access-log, requests are logged to the access
+        log only, and SIGUSR1 rotates both files.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        logfile = os.path.join(directory, "hermux.log")
+        accessLog = os.path.join(directory, "access.log")
+        child = runTwistd(
+            self, "--logfile", logfile,
+            *demoArguments(self, "--listen", "tcp:0:interface=127.0.0.1", "--access-log", accessLog),
+        )
+
+        def read(path):
+            if not os.path.exists(path):
+                return b""
+            with open(path, "rb") as f:
+                return f.read()
+
+        await waitUntil(lambda: b"HermuxSite starting on" in read(logfile), timeout=30)
+        await waitUntil(lambda: b"DEMO MODE" in read(logfile))
+        port = int(re.search(rb"HermuxSite starting on (\d+)", read(logfile)).group(1))
+        response, _ = await self.get(port)
+        self.assertEqual(response.code, 200)
+        await waitUntil(lambda: b"GET /api/v1/models -> 200" in read(accessLog))
+        child.kill(signal.SIGUSR1)
+        await waitUntil(
+            lambda: os.path.exists(logfile + ".1") and os.path.exists(accessLog + ".1")
+        )
+        response, _ = await self.get(port, "/api/v1/nothing-here")
+        child.kill("TERM")
+        self.assertEqual((await child.ended).exitCode, 0)
+        self.assertIn(b"GET /api/v1/models -> 200", read(accessLog + ".1"))
+        self.assertIn(b"GET /api/v1/nothing-here -> ", read(accessLog))
+        everything = read(logfile) + read(logfile + ".1")
+        self.assertNotIn(b"GET /api/v1/models -> 200", everything)
+        self.assertNotIn(DEMO_TOKEN.encode(), everything + read(accessLog))
 
     async def test_syslog(self):
         """
