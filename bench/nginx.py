@@ -180,6 +180,51 @@ def prepare(root: str, port: int, *, workers: int = 1, bigSize: int = 0) -> tupl
     return config, sizes
 
 
+# nginx as a reverse proxy: the issue's "practical limit" for a proxy,
+# streaming as hermux does (no buffering) over kept-alive upstream connections.
+_PROXY_CONFIG = """\
+worker_processes 1;
+daemon off;
+master_process on;
+pid {root}/{name}.pid;
+error_log {root}/{name}-error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/{name}-tmp/body;
+  proxy_temp_path {root}/{name}-tmp/proxy;
+  fastcgi_temp_path {root}/{name}-tmp/fastcgi;
+  uwsgi_temp_path {root}/{name}-tmp/uwsgi;
+  scgi_temp_path {root}/{name}-tmp/scgi;
+  keepalive_timeout 75s;
+  keepalive_requests 10000000;
+  upstream upstream {{ server 127.0.0.1:{upstreamPort}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://upstream;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def prepareProxy(root: str, name: str, port: int, upstreamPort: int) -> str:
+    """
+    Write the configuration of an nginx that proxies C{port} to
+    C{upstreamPort}, and return its path.
+    """
+    os.makedirs(os.path.join(root, f"{name}-tmp"), exist_ok=True)
+    config = os.path.join(root, f"{name}.conf")
+    with open(config, "w") as f:
+        f.write(_PROXY_CONFIG.format(root=root, name=name, port=port, upstreamPort=upstreamPort))
+    return config
+
+
 def findNginx() -> str | None:
     return shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)),

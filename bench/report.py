@@ -158,6 +158,7 @@ def markdown(results: dict) -> str:
         "",
     ]
     figures = []  # (figure, direct, naive, hermux, hermux --access-log, hermux log off, ratio text)
+    scale = []  # what nginx as a reverse proxy adds, measured alongside
     targets = []  # (target, hermux value, verdict)
 
     chat = results.get("chat")
@@ -184,6 +185,13 @@ def markdown(results: dict) -> str:
              *(f"{x['p50']:.2f} / {x['p99']:.2f}" for x in hermuxes),
              f"p50 {_ratio(h['p50'], n['p50'])} naive"),
         ]
+        p = s.get("nginx-proxy")
+        if p:
+            scale.append(
+                f"CPU per chat request {_ms(p['cpuPerRequestMs'], 4)} ms "
+                f"({_ratio(p['cpuPerRequestMs'], n['cpuPerRequestMs'])} naive), "
+                f"{p['rate']:.0f} req/s, p50 {p['p50']:.2f} ms"
+            )
         for label, x in (("", h), (" (--access-log)", a)):
             cpu = x["cpuPerRequestMs"]
             targets += [
@@ -220,6 +228,8 @@ def markdown(results: dict) -> str:
             ("TTFB added over direct, ms", "0", f"{n - direct:.3f}", f"{h - direct:.3f}", "",
              _ratio(h - direct, n - direct) + " naive"),
         ]
+        if "nginx-proxy-ttfb" in medians:
+            scale.append(f"TTFB added {medians['nginx-proxy-ttfb'] - direct:.3f} ms")
         targets.append(("TTFB added <= 0.5 ms", f"{h - direct:.3f} ms", h - direct <= 0.5))
 
     streams = results.get("streams")
@@ -274,6 +284,9 @@ def markdown(results: dict) -> str:
     # Rows that measure only hermux as it runs by default leave the other
     # two hermux columns empty.
     out += [f"| {' | '.join(row if len(row) == 7 else (*row[:4], '', *row[4:]))} |" for row in figures]
+    if scale:
+        out += ["", "For scale, nginx as a reverse proxy (no buffering, upstream keep-alive) "
+                "under the same loads: " + "; ".join(scale) + "."]
     out += ["", "| target (issue 6) | hermux | met |", "|---|---:|:---:|"]
     out += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in targets]
     out += ["", "Problems seen: " + ("none" if not results["errors"] else "")]

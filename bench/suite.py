@@ -137,6 +137,13 @@ class Run:
             "nginx", nginx.argv(nginx.findNginx(), self.tmp, config),
             os.path.join(self.tmp, "nginx.out"),
         )
+        return self._nginxTarget("direct (nginx)", proc, port)
+
+    @staticmethod
+    def _nginxTarget(name: str, proc, port: int) -> Target:
+        """
+        A started nginx as a target: its CPU is its worker's, not its master's.
+        """
         proc.waitForPort(port)
         workers = []
         for _ in range(50):
@@ -144,7 +151,19 @@ class Run:
             if workers:
                 break
             time.sleep(0.05)
-        return Target("direct (nginx)", port, ACCESS_TOKEN, workers)
+        return Target(name, port, ACCESS_TOKEN, workers)
+
+    def startNginxProxy(self, name: str, upstream: Target) -> Target:
+        """
+        nginx as a reverse proxy in front of C{upstream}: the floor for
+        what a proxy adds, against which hermux's cost can be read.
+        """
+        port = freePort()
+        config = nginx.prepareProxy(self.tmp, name, port, upstream.port)
+        proc = self.procs.start(
+            name, nginx.argv(nginx.findNginx(), self.tmp, config), os.path.join(self.tmp, f"{name}.out")
+        )
+        return self._nginxTarget(name, proc, port)
 
     def startSlowUpstream(self, name: str, interval: float) -> Target:
         port = freePort()
@@ -508,8 +527,9 @@ class Run:
             accessLog = self.startHermux("hermux-accesslog", direct, logging="file")
             quiet = self.startHermux("hermux-nolog", direct, logging="off")
             naive = self.startNaive("naive", direct)
-            targets = [direct, naive, hermux, accessLog, quiet]
-            self.smokeTest([naive, hermux, accessLog, quiet], direct)
+            nginxProxy = self.startNginxProxy("nginx-proxy", direct)
+            targets = [direct, nginxProxy, naive, hermux, accessLog, quiet]
+            self.smokeTest([nginxProxy, naive, hermux, accessLog, quiet], direct)
             if "chat" not in args.skip:
                 self.log("chat completions (JSON)")
                 self.results["chat"] = self.interleaved(
@@ -518,7 +538,7 @@ class Run:
             if "sse" not in args.skip:
                 self.log("streamed chat completions (100 KB of SSE each)")
                 self.results["sse"] = self.interleaved(
-                    "sse", targets[:3], nginx.SSE_PATH, nginx.STREAM_REQUEST,
+                    "sse", [direct, naive, hermux], nginx.SSE_PATH, nginx.STREAM_REQUEST,
                     rounds=args.sse_rounds, connections=args.sse_connections, upstream=direct)
             self.results["hermuxCpuTotal"] = hermux.cpu()
             for target in (quiet, accessLog, naive, hermux):
@@ -529,7 +549,8 @@ class Run:
             slow = self.startSlowUpstream("slow-ttfb", 0.002)
             hermux = self.startHermux("hermux-ttfb", slow)
             naive = self.startNaive("naive-ttfb", slow)
-            self.results["ttfb"] = self.ttfb([naive, hermux], slow)
+            nginxProxy = self.startNginxProxy("nginx-proxy-ttfb", slow)
+            self.results["ttfb"] = self.ttfb([nginxProxy, naive, hermux], slow)
             for target in (naive, hermux, slow):
                 self.stopTarget(target)
 
