@@ -11,7 +11,7 @@ upstream as the benchmark, under the same chat load, observed three ways.
 - tracemalloc (bench/tracemalloc_twistd.py): the Python allocations that
   1000 open streams hold, by source line, per stream.
 
-    bench/run profile [--seconds 15] [--skip pyspy|cprofile|memory]
+    bench/run profile [--seconds 15] [--skip pyspy|cprofile|memory] [--access-log]
 
 Reports go to bench/profile-out/ (and a summary to stdout).
 """
@@ -158,6 +158,8 @@ class Profiler(Run):
     def startHermuxWith(self, name, upstream, prefix, env=None):
         port = freePort()
         argv = prefix + ["-n", "--pidfile=", "--logfile=-"] + self.hermuxOptions(name, upstream, port)
+        if self.args.access_log:
+            argv += ["--access-log", os.path.join(self.tmp, f"{name}.access.log")]
         environ = dict(os.environ, **(env or {}))
         proc = self.procs.start(name, argv, os.path.join(self.tmp, f"{name}.out"), cwd=REPO, env=environ)
         proc.waitForPort(port, timeout=90)  # slow to start under tracemalloc
@@ -190,7 +192,7 @@ class Profiler(Run):
         total = summary["total"]
         out = [
             f"py-spy, {self.args.rate} Hz, chat load for {seconds:.0f}s at {self.args.connections} connections "
-            f"(logging on): {measured['requests']} requests at {measured['rate']:.0f}/s, hermux CPU "
+            f"({'--access-log' if self.args.access_log else 'logging on'}): {measured['requests']} requests at {measured['rate']:.0f}/s, hermux CPU "
             f"{measured['cpu']:.2f}s = {perRequest:.3f} ms/request; {total} samples "
             f"({summary['idle']} of idle threads left out); each share of the samples is turned into "
             "ms/request",
@@ -312,6 +314,8 @@ def main(argv) -> int:
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second (100)")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--prompt-kb", type=int, default=0)
+    parser.add_argument("--access-log", action="store_true",
+                        help="run hermux with its request lines in an --access-log file")
     parser.add_argument("--skip", action="append", default=[], choices=["pyspy", "cprofile", "memory"])
     parser.add_argument("--out", default=os.path.join(HERE, "profile-out"))
     args = parser.parse_args(argv)
