@@ -12,14 +12,16 @@ from twisted.application.service import Service
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate
+from twisted.internet.defer import Deferred, fail
 from twisted.web.client import (
-    Agent,
+    URI,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     _HTTP11ClientFactory,
 )
-from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol, ParseError
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol, ParseError, Request
 from twisted.web.error import SchemeNotSupported
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -173,29 +175,79 @@ def _guardParser(parser) -> None:
 @implementer(IAgentEndpointFactory)
 class _UpstreamEndpoints:
     """
-    Endpoints as an L{Agent} makes them by default (TCP, and TLS verified by
-    C{policy} for https), but made once per host rather than per request.
+    Endpoints as an L{Agent} makes them by default: TCP, and TLS verified by
+    C{policy} for https.
     """
 
     def __init__(self, reactor, policy: BrowserLikePolicyForHTTPS, connectTimeout: float):
         self._reactor = reactor
         self._policy = policy
         self._connectTimeout = connectTimeout
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri) -> IStreamClientEndpoint:
-        where = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(where)
-        if endpoint is None:
-            if uri.scheme not in (b"http", b"https"):
-                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            endpoint = HostnameEndpoint(
-                self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connectTimeout
-            )
-            if uri.scheme == b"https":
-                endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
-            self._endpoints[where] = endpoint
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        endpoint = HostnameEndpoint(
+            self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connectTimeout
+        )
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint
+
+
+def _splitOrigin(uri: bytes) -> tuple[bytes, bytes]:
+    """
+    C{b"https://host:port/path?query"} as its origin and its target.
+    """
+    slash = uri.find(b"/", uri.find(b"//") + 2)
+    if slash < 0:
+        return uri, b"/"
+    return uri[:slash], uri[slash:]
+
+
+@implementer(IAgent)
+class _UpstreamAgent:
+    """
+    What L{Agent} does for hermux's requests, without the work that is the
+    same for each of them.  Agent parses every URI, rebuilds its target,
+    and finds its endpoint and connection-pool key; hermux sends every
+    request to one origin, so this agent works those out once per origin
+    and sends the rest of the URI as the target.  It shares Agent's pool
+    (L{HTTPConnectionPool}), connections and client protocol; a method or
+    target that cannot be sent fails the request as it would with Agent.
+    """
+
+    def __init__(self, pool: HTTPConnectionPool, endpoints: IAgentEndpointFactory):
+        self._pool = pool
+        self._endpoints = endpoints
+        self._origins: dict[bytes, tuple] = {}
+
+    def _connectionTo(self, origin: bytes) -> tuple:
+        parsed = URI.fromBytes(origin)
+        key = (parsed.scheme, parsed.host, parsed.port)
+        return key, self._endpoints.endpointForURI(parsed), origin.partition(b"://")[2]
+
+    def request(self, method, uri, headers=None, bodyProducer=None) -> Deferred:
+        origin, target = _splitOrigin(uri)
+        try:
+            key, endpoint, host = self._origins[origin]
+        except KeyError:
+            try:
+                key, endpoint, host = self._origins[origin] = self._connectionTo(origin)
+            except SchemeNotSupported:
+                return fail()
+        if headers is None:
+            headers = Headers()
+        if not headers.hasHeader(b"host"):
+            headers = headers.copy()
+            headers.addRawHeader(b"Host", host)
+        try:
+            request = Request(method, target, headers, bodyProducer, persistent=self._pool.persistent)
+        except ValueError:
+            return fail()
+        return self._pool.getConnection(key, endpoint).addCallback(
+            lambda protocol: protocol.request(request)
+        )
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -229,5 +281,4 @@ def connectToUpstream(
     endpoints = _UpstreamEndpoints(
         reactor, BrowserLikePolicyForHTTPS(trustRoot=trustRoot), connectTimeout
     )
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    return Upstream(base, agent, pool)
+    return Upstream(base, _UpstreamAgent(pool, endpoints), pool)
