@@ -199,17 +199,29 @@ class Run:
             "--max-connections", str(self.maxConnections()),
         ]
 
-    def startHermux(self, name: str, upstream: Target, *, logging: str = "twistd") -> Target:
+    def hermuxArgv(self, name: str, upstream: Target, port: int, logging: str = "twistd") -> list[str]:
         """
-        hermux, with its request lines in twistd's log (C{logging="twistd"}),
-        in an access log file (C{"file"}), or dropped (C{"off"}).
+        twistd running hermux, with its request lines in twistd's log
+        (C{logging="twistd"}), in an access log file (C{"file"}), or
+        dropped (C{"off"}).
         """
-        port = freePort()
         argv = [self.python, "-c", TWISTD, "-n", "--pidfile="]
         argv += ["--logger=bench.quietlog.observer"] if logging == "off" else ["--logfile=-"]
         argv += self.hermuxOptions(name, upstream, port)
         if logging == "file":
             argv += ["--access-log", os.path.join(self.tmp, f"{name}.access.log")]
+        return argv
+
+    def naiveArgv(self, upstream: Target, port: int, logging: bool = True) -> list[str]:
+        argv = [self.python, "-m", "bench.naive_proxy", "--port", str(port),
+                "--upstream-port", str(upstream.port)]
+        if not logging:
+            argv.append("--no-log")
+        return argv
+
+    def startHermux(self, name: str, upstream: Target, *, logging: str = "twistd") -> Target:
+        port = freePort()
+        argv = self.hermuxArgv(name, upstream, port, logging)
         proc = self.procs.start(name, argv, os.path.join(self.tmp, f"{name}.out"), cwd=REPO)
         proc.waitForPort(port)
         self.hermuxLogs.append(proc)
@@ -217,10 +229,7 @@ class Run:
 
     def startNaive(self, name: str, upstream: Target, *, logging: bool = True) -> Target:
         port = freePort()
-        argv = [self.python, "-m", "bench.naive_proxy", "--port", str(port),
-                "--upstream-port", str(upstream.port)]
-        if not logging:
-            argv.append("--no-log")
+        argv = self.naiveArgv(upstream, port, logging)
         proc = self.procs.start(name, argv, os.path.join(self.tmp, f"{name}.out"), cwd=REPO)
         proc.waitForPort(port)
         self.naiveLogs.append(proc)
@@ -620,6 +629,10 @@ def main(argv=None) -> int:
         from bench.profile import main as profile
 
         return profile(argv[1:])
+    if argv[:1] == ["instructions"]:
+        from bench.instructions import main as instructions
+
+        return instructions(argv[1:])
     if argv[:1] == ["experiments"]:
         from bench.experiments import main as experiments
 

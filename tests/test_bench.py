@@ -1,11 +1,12 @@
 """
 Tests for the benchmark suite's own parsing: wrk's output, chunked bodies,
-py-spy's collapsed stacks.  They need neither nginx nor wrk.
+py-spy's collapsed stacks, callgrind's totals.  They need neither nginx nor wrk.
 """
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench import clients, wrk
+from bench.instructions import callgrindTotal
 from bench.profile import collapse, frameKey
 
 WRK_TEXT = """\
@@ -137,3 +138,21 @@ class CollapseTests(SynchronousTestCase):
         self.assertEqual(summary["idle"], 7)
         self.assertEqual(summary["total"], 9)
         self.assertEqual(summary["steps"], {"working": 7, "looping": 2})
+
+
+class CallgrindTotalTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_totalsLine(self):
+        path = self.write(
+            "# callgrind format\nversion: 1\nevents: Ir\nsummary: 1234\n"
+            "fn=(1) main\n16 500\ntotals: 123456789\n"
+        )
+        self.assertEqual(callgrindTotal(path), 123456789)
+
+    def test_summaryWithoutTotals(self):
+        self.assertEqual(callgrindTotal(self.write("events: Ir\nsummary: 987\n")), 987)
