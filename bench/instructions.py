@@ -3,7 +3,7 @@ Instructions per proxied chat request, counted by valgrind's callgrind: a
 figure that other load on a shared machine does not move, for reading the
 CPU ratio (hermux against the naive proxy) without the noise of CPU seconds.
 
-    bench/run instructions [--seconds 20] [--connections 4]
+    bench/run instructions [--seconds 20] [--connections 4] [--only hermux ...]
 
 Each proxy runs under callgrind with instrumentation off while it starts
 and warms up; then instrumentation is switched on and the counters zeroed,
@@ -90,12 +90,14 @@ class Counter(Run):
         ]
         counts = {}
         for name, argv in variants:
+            if self.args.only and name not in self.args.only:
+                continue
             port = freePort()
             target, pid = self.startCounted(name, argv(port), port)
             self.log(f"counting {name}")
             counts[name] = self.count(target, pid)
             self.procs.stop(self.process(target))
-        naive = counts["naive"]["perRequest"]
+        naive = counts["naive"]["perRequest"] if "naive" in counts else None
         out = [
             f"Instructions per chat request (callgrind; wrk at {self.args.connections} connections for "
             f"{self.args.seconds:.0f}s against each proxy under callgrind):",
@@ -116,6 +118,9 @@ def main(argv) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--only", action="append", default=[],
+                        choices=["naive", "hermux", "hermux-accesslog"],
+                        help="count only this proxy (repeatable)")
     args = parser.parse_args(argv)
     args.duration = args.seconds
     args.skip = []

@@ -48,7 +48,10 @@ class RequestLogEvents:
         self._log = Logger(namespace="hermux.site.HermuxRequest")
 
     def record(self, fields):
-        self._log.info(REQUEST_LINE, **fields)
+        # The text is made here with str.format: twisted.logger's own
+        # formatting of the same fields costs several times as much, on
+        # every request.  The fields stay in the event for other observers.
+        self._log.info("{text}", text=REQUEST_LINE.format_map(fields), **fields)
 
 
 @implementer(IRequestLog)
