@@ -73,6 +73,7 @@ STEPS = [
     (("upstreamHeaders", "hermux/hygiene.py"), "hermux: filter request headers"),
     (("_requestBody", "hermux/relay.py"), "hermux: request body"),
     (("Agent.request", "twisted/web/client.py"), "Agent.request: URI parse, origin form, key"),
+    (("_UpstreamAgent.request", "hermux/upstream.py"), "hermux's agent: origin looked up, client Request made"),
     (("HostnameEndpoint.__init__", "twisted/internet/endpoints.py"), "Agent.request: new HostnameEndpoint (IDNA)"),
     (("_StandardEndpointFactory.endpointForURI", "twisted/web/client.py"), "Agent.request: endpoint for URI"),
     (("HTTPConnectionPool.getConnection", "twisted/web/client.py"), "Agent.request: pool lookup"),
