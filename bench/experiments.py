@@ -67,7 +67,6 @@ def main(argv) -> int:
     procs = Processes()
     try:
         run = Experiments(args, tmp, procs)
-        run.hermuxLogs, run.naiveLogs = [], []
         run.writeConfig()
         direct = run.startNginx()
         targets = [run.startVariant(name, direct) for name in names]

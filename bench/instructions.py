@@ -48,9 +48,7 @@ def callgrindTotal(path: str) -> int:
 class Counter(Run):
     def __init__(self, args, tmp, procs):
         super().__init__(args, tmp, procs)
-        self.args.big_mb = 0
-        self.hermuxLogs = []
-        self.naiveLogs = []
+        self.args.big_mb = 0  # no 100 MB file for nginx to serve
 
     def startCounted(self, name: str, argv: list[str], port: int) -> tuple[Target, int]:
         dumps = os.path.join(self.tmp, f"{name}.callgrind")

@@ -152,9 +152,7 @@ def _fileTable(title, counter, total, perRequest, limit) -> list[str]:
 class Profiler(Run):
     def __init__(self, args, tmp, procs):
         super().__init__(args, tmp, procs)
-        self.args.big_mb = 0
-        self.hermuxLogs = []
-        self.naiveLogs = []
+        self.args.big_mb = 0  # no 100 MB file for nginx to serve
 
     def startHermuxWith(self, name, upstream, prefix, env=None):
         port = freePort()

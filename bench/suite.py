@@ -112,6 +112,8 @@ class Run:
         self.python = sys.executable
         self.results: dict = {"errors": []}
         self.checks: list[str] = []
+        self.hermuxLogs = []
+        self.naiveLogs = []
 
     # Processes.
 
@@ -518,8 +520,6 @@ class Run:
 
     def run(self) -> dict:
         args = self.args
-        self.hermuxLogs = []
-        self.naiveLogs = []
         self.writeConfig()
         self.results["machine"] = report.machine()
         self.results["command"] = args.command
