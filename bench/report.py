@@ -17,6 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The issue's targets for hermux; LiteLLM's figure is the issue's, not
 # measured here.
 LITELLM_CPU_MS = 9.1
+# The naive proxy's in the same table: LiteLLM needed 24.6 times its CPU.
+NAIVE_ISSUE_CPU_MS = 0.37
 
 
 def _run(argv) -> str:
@@ -192,14 +194,17 @@ def markdown(results: dict) -> str:
                 f"({_ratio(p['cpuPerRequestMs'], n['cpuPerRequestMs'])} naive), "
                 f"{p['rate']:.0f} req/s, p50 {p['p50']:.2f} ms"
             )
+        litellm = LITELLM_CPU_MS / NAIVE_ISSUE_CPU_MS * n["cpuPerRequestMs"]
         for label, x in (("", h), (" (--access-log)", a)):
             cpu = x["cpuPerRequestMs"]
             targets += [
-                (f"CPU per proxied chat request <= 0.2 ms{label}", f"{cpu:.3f} ms", cpu <= 0.2),
+                (f"CPU per proxied chat request <= 0.2 ms on the issue's machine "
+                 f"(not comparable here: read the ratio){label}", f"{cpu:.3f} ms", None),
                 (f"... <= 0.55x the naive proxy's{label}", _ratio(cpu, n["cpuPerRequestMs"]),
                  cpu <= 0.55 * n["cpuPerRequestMs"]),
-                (f"... >= 40x better than LiteLLM's (issue: {LITELLM_CPU_MS} ms; not measured here){label}",
-                 f"{LITELLM_CPU_MS / cpu:.0f}x", LITELLM_CPU_MS / cpu >= 40),
+                (f"... >= 40x better than LiteLLM's (not run here: the issue's {LITELLM_CPU_MS} ms, "
+                 f"{LITELLM_CPU_MS / NAIVE_ISSUE_CPU_MS:.1f}x its naive proxy's, scaled by this run's){label}",
+                 f"{litellm / cpu:.0f}x", litellm / cpu >= 40),
             ]
 
     sse = results.get("sse")
@@ -288,7 +293,10 @@ def markdown(results: dict) -> str:
         out += ["", "For scale, nginx as a reverse proxy (no buffering, upstream keep-alive) "
                 "under the same loads: " + "; ".join(scale) + "."]
     out += ["", "| target (issue 6) | hermux | met |", "|---|---:|:---:|"]
-    out += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in targets]
+    out += [
+        f"| {name} | {value} | {'n/a' if ok is None else 'yes' if ok else '**no**'} |"
+        for name, value, ok in targets
+    ]
     out += ["", "Problems seen: " + ("none" if not results["errors"] else "")]
     out += [f"- {e}" for e in results["errors"]]
     out += ["", "<details><summary>Raw numbers</summary>", "", "```", _raw(results), "```", "</details>", ""]
