@@ -140,10 +140,15 @@ class AccessLogFile(Service):
         self._file.close()
 
     def _rotateOnSignal(self, signum, frame):
-        self._reactor.callFromThread(self.rotate)
+        self._reactor.callFromThread(self._rotateOrSay)
         # twistd rotates its own log on SIGUSR1 too.
         if callable(self._previousUSR1):
             self._previousUSR1(signum, frame)
+
+    def _rotateOrSay(self):
+        self.rotate().addErrback(
+            lambda failure: self._log.failure("rotating {path} failed", failure, path=self.path)
+        )
 
     def rotate(self) -> Deferred:
         """

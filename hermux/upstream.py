@@ -9,10 +9,10 @@ import re
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate
-from twisted.internet.defer import Deferred, fail
 from twisted.web.client import (
     URI,
     BrowserLikePolicyForHTTPS,
@@ -214,7 +214,8 @@ class _UpstreamAgent:
     request to one origin, so this agent works those out once per origin
     and sends the rest of the URI as the target.  It shares Agent's pool
     (L{HTTPConnectionPool}), connections and client protocol; a method or
-    target that cannot be sent fails the request as it would with Agent.
+    target that cannot be sent fails the request before any connection is
+    asked for.
     """
 
     def __init__(self, pool: HTTPConnectionPool, endpoints: IAgentEndpointFactory):
@@ -222,7 +223,7 @@ class _UpstreamAgent:
         self._endpoints = endpoints
         self._origins: dict[bytes, tuple] = {}
 
-    def _connectionTo(self, origin: bytes) -> tuple:
+    def _route(self, origin: bytes) -> tuple:
         parsed = URI.fromBytes(origin)
         key = (parsed.scheme, parsed.host, parsed.port)
         return key, self._endpoints.endpointForURI(parsed), origin.partition(b"://")[2]
@@ -233,7 +234,7 @@ class _UpstreamAgent:
             key, endpoint, host = self._origins[origin]
         except KeyError:
             try:
-                key, endpoint, host = self._origins[origin] = self._connectionTo(origin)
+                key, endpoint, host = self._origins[origin] = self._route(origin)
             except SchemeNotSupported:
                 return fail()
         if headers is None:

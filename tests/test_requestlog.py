@@ -211,3 +211,22 @@ class AccessLogFileTests(TestCase):
         self.assertEqual(read(path).count("\n"), 2)
         [recovered] = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertIn("2 request lines were dropped", formatEvent(recovered))
+
+    async def test_failedRotationOnSignalIsLogged(self):
+        """
+        A rotation that SIGUSR1 asked for and that failed is logged, and the
+        log goes on in its file.
+        """
+        log = self.accessLog()
+
+        def cannotRotate():
+            raise OSError(13, "Permission denied")
+
+        log._file.rotate = cannotRotate
+        with capturedLogs() as events:
+            log._rotateOrSay()
+            await waitUntil(lambda: any(e.get("log_failure") for e in events))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        log.record(FIELDS)
+        await log.flush()
+        self.assertEqual(read(log.path).count("\n"), 1)
