@@ -293,6 +293,16 @@ class _UNIXEndpoints:
         return UNIXClientEndpoint(reactor, self._path)
 
 
+def getOverUNIX(testCase, socketPath: str, path: str, token: str):
+    """
+    GET C{path} from the hermux listening on the UNIX socket C{socketPath}.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    testCase.addCleanup(pool.closeCachedConnections)
+    client = HTTPClient(Agent.usingEndpointFactory(reactor, _UNIXEndpoints(socketPath), pool))
+    return client.get(f"http://hermux{path}", headers={"Authorization": f"Bearer {token}"})
+
+
 class RunningServiceTests(TestCase):
     async def test_servesOnUNIXSocket(self):
         """
@@ -315,12 +325,7 @@ class RunningServiceTests(TestCase):
         service = makeService(options)
         service.startService()
         self.addCleanup(service.stopService)
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
-        client = HTTPClient(Agent.usingEndpointFactory(reactor, _UNIXEndpoints(socketPath), pool))
-        response = await client.get(
-            "http://hermux/api/v1/models", headers={"Authorization": f"Bearer {ACCESS_TOKEN}"}
-        )
+        response = await getOverUNIX(self, socketPath, "/api/v1/models", ACCESS_TOKEN)
         self.assertEqual(response.code, 200)
         self.assertEqual(json.loads(await response.content())["data"][0]["id"], "hermux/fake-model")
         self.assertIn(response.headers.getRawHeaders("X-Token-Name")[0], {k.name for k in KEYS})
@@ -477,12 +482,7 @@ class TwistdTests(TestCase):
             *demoArguments(self, "--listen", f"unix:{socketPath}"),
         )
         await waitUntil(lambda: os.path.exists(socketPath), timeout=30)
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
-        client = HTTPClient(Agent.usingEndpointFactory(reactor, _UNIXEndpoints(socketPath), pool))
-        response = await client.get(
-            "http://hermux/v1/models", headers={"Authorization": f"Bearer {DEMO_TOKEN}"}
-        )
+        response = await getOverUNIX(self, socketPath, "/v1/models", DEMO_TOKEN)
         self.assertEqual(response.code, 200)
         await response.content()
         child.kill("TERM")
