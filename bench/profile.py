@@ -88,7 +88,7 @@ STEPS = [
     (("Request.finish", "twisted/web/http.py"), "server: finish the request"),
     (("HTTPConnectionPool._putConnection", "twisted/web/client.py"), "client: return the connection to the pool"),
     (("HermuxRequest._over", "hermux/site.py"), "log line: hermux's fields"),
-    (("AccessLogFile.record", "hermux/requestlog.py"), "log line: --access-log (format, queue)"),
+    (("RequestLogFile.record", "hermux/requestlog.py"), "log line: --access-log (format, queue)"),
     (("Logger.emit", "twisted/logger/_logger.py"), "log line: twisted.logger emit"),
     (("FileLogObserver.__call__", "twisted/logger/_file.py"), "log line: format and write"),
     (("HTTPChannel.connectionLost", "twisted/web/http.py"), "server: connection closed"),

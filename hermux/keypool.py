@@ -33,7 +33,10 @@ def dayOf(when: float) -> int:
     return int(when // SECONDS_PER_DAY)
 
 
-def _isoTime(when: float | None) -> str:
+def _untilText(when: float | None) -> str:
+    """
+    When a key is usable again, for a log line: a time, or what must happen.
+    """
     if when is None:
         return "the configuration is reloaded"
     return isoTime(when)
@@ -337,7 +340,7 @@ class KeyPool(Service):
             "key {key} is {state} until {until}: {reason}",
             key=key.name,
             state=state.value,
-            until=_isoTime(account.usableAt(now)),
+            until=_untilText(account.usableAt(now)),
             reason=account.reason(state) or "-",
         )
 

@@ -55,7 +55,7 @@ class RequestLogEvents:
 
 
 @implementer(IRequestLog)
-class AccessLogFile(Service):
+class RequestLogFile(Service):
     """
     Request lines in a file of their own, one per request, each starting
     with twistd's timestamp.

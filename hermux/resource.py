@@ -108,7 +108,7 @@ class Gate:
         return client
 
 
-class _Guarded(Resource):
+class _TokenRequired(Resource):
     """
     A leaf for clients the L{Gate} lets in: subclasses answer them in
     C{renderFor}.
@@ -131,7 +131,7 @@ class _Guarded(Resource):
         raise NotImplementedError()
 
 
-class Forward(_Guarded):
+class Forward(_TokenRequired):
     """
     Forwards requests upstream.
 
@@ -177,7 +177,7 @@ def _json(request, payload) -> bytes:
     return json.dumps(payload).encode("utf-8")
 
 
-class Keys(_Guarded):
+class Keys(_TokenRequired):
     """
     C{/hermux/keys}: each key's state and today's counts.  Never a key's
     token.
@@ -206,7 +206,7 @@ def _describe(status: KeyStatus) -> dict:
     }
 
 
-class MetricsPage(_Guarded):
+class MetricsPage(_TokenRequired):
     """
     C{/hermux/metrics}: the Prometheus exposition (a scrape config sends the
     access token with C{authorization: credentials:}).

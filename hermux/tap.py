@@ -17,7 +17,7 @@ from hermux.metrics import Metrics
 from hermux.probe import KeyProbe
 from hermux.relay import Relay
 from hermux.reload import ConfigReloader
-from hermux.requestlog import AccessLogFile
+from hermux.requestlog import RequestLogFile
 from hermux.resource import buildRoot
 from hermux.site import HermuxSite, ensureFileLimit
 from hermux.upstream import connectToUpstream, loadTrustRoot, parseUpstreamURL
@@ -196,11 +196,11 @@ def _openLedger(options, reactor) -> SQLiteLedger:
         raise SystemExit(f"hermux: {e}")
 
 
-def _openAccessLog(options, reactor) -> AccessLogFile | None:
+def _openAccessLog(options, reactor) -> RequestLogFile | None:
     if options["access-log"] is None:
         return None
     try:
-        return AccessLogFile(options["access-log"], reactor=reactor)
+        return RequestLogFile(options["access-log"], reactor=reactor)
     except OSError as e:
         raise SystemExit(f"hermux: --access-log {options['access-log']}: {e.strerror}")
 

@@ -126,7 +126,7 @@ class Upstream(Service):
         return self.agent.request(method, self.base + target, headers, bodyProducer)
 
 
-class _GuardedClientProtocol(HTTP11ClientProtocol):
+class _StrictClientProtocol(HTTP11ClientProtocol):
     """
     Twisted's HTTP/1.1 client, stricter about response heads: a status line
     that could not be relayed as it is, a NUL in a header, or a head larger
@@ -260,7 +260,7 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
     def buildProtocol(self, addr):
-        return _GuardedClientProtocol(self._quiescentCallback)
+        return _StrictClientProtocol(self._quiescentCallback)
 
 
 def connectToUpstream(

@@ -16,7 +16,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseFailed
 
-from hermux.requestlog import AccessLogFile
+from hermux.requestlog import RequestLogFile
 from hermux.testing import FAKE_ANSWER
 from tests.harness import (
     ACCESS_TOKEN,
@@ -537,7 +537,7 @@ class LogTests(TestCase):
         With an access log file, the same lines go there, none to twistd's
         log, and no secret either.
         """
-        accessLog = AccessLogFile(os.path.abspath(self.mktemp()))
+        accessLog = RequestLogFile(os.path.abspath(self.mktemp()))
         accessLog.startService()
         with capturedLogs() as events:
             proxy = Proxy(self, requestLog=accessLog)

@@ -13,7 +13,7 @@ from datetime import datetime
 from twisted.logger import LogLevel, capturedLogs, formatEvent, formatTime
 from twisted.trial.unittest import TestCase
 
-from hermux.requestlog import REQUEST_LINE, AccessLogFile, RequestLogEvents
+from hermux.requestlog import REQUEST_LINE, RequestLogFile, RequestLogEvents
 from tests.harness import waitUntil
 
 FIELDS = {
@@ -58,14 +58,14 @@ class RequestLogEventsTests(TestCase):
         )
 
 
-class AccessLogFileTests(TestCase):
-    def accessLog(self, *, interval: float = 3600.0, path: str | None = None) -> AccessLogFile:
+class RequestLogFileTests(TestCase):
+    def accessLog(self, *, interval: float = 3600.0, path: str | None = None) -> RequestLogFile:
         """
         A started access log, stopped with the test (unless the test stops it).
         """
         if path is None:
             path = os.path.abspath(self.mktemp())
-        log = AccessLogFile(path, interval=interval)
+        log = RequestLogFile(path, interval=interval)
         log.startService()
         self.addCleanup(lambda: log.running and log.stopService())
         return log
@@ -133,7 +133,7 @@ class AccessLogFileTests(TestCase):
         self.assertIn("-> 404", read(log.path))
 
     async def test_rotatedAtItsLength(self):
-        log = AccessLogFile(os.path.abspath(self.mktemp()), rotateLength=500)
+        log = RequestLogFile(os.path.abspath(self.mktemp()), rotateLength=500)
         log.startService()
         for _ in range(6):
             log.record(FIELDS)

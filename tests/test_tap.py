@@ -27,7 +27,7 @@ from treq.client import HTTPClient
 from zope.interface import implementer
 
 from hermux.keypool import KeyPool
-from hermux.requestlog import AccessLogFile, RequestLogEvents
+from hermux.requestlog import RequestLogFile, RequestLogEvents
 from hermux.tap import DEFAULT_LISTEN, Options, makeService
 from hermux.testing import FakeOpenRouter, fakeSite
 from tests.harness import (
@@ -208,7 +208,7 @@ class AccessLogOptionTests(SynchronousTestCase):
         )
         service = makeService(options)
         accessLog = service.getServiceNamed("access-log")
-        self.assertIsInstance(accessLog, AccessLogFile)
+        self.assertIsInstance(accessLog, RequestLogFile)
         self.assertIs(service.site.requestLog, accessLog)
         self.assertEqual(accessLog.path, path)
         self.assertTrue(os.path.exists(path))
