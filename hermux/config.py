@@ -214,6 +214,30 @@ def parseAccessTokens(text: str, path: str = "allow.txt") -> tuple[str, ...]:
     return tuple(tokens)
 
 
+@attr.frozen
+class Configuration:
+    """
+    What hermux's configuration files say: the upstream keys and the
+    clients' access tokens.
+    """
+
+    keys: tuple[Key, ...]
+    accessTokens: tuple[str, ...] = attr.field(repr=False)
+
+
+def loadConfiguration(tokensPath: str, allowPath: str) -> Configuration:
+    """
+    Read and check both configuration files together: at start and on every
+    reload, so that both are judged by the same rules.
+
+    @raise ConfigError: naming the file and line of the first problem.
+    """
+    keys = loadKeys(tokensPath)
+    accessTokens = loadAccessTokens(allowPath)
+    checkSeparate(keys, accessTokens, allowPath)
+    return Configuration(keys, accessTokens)
+
+
 def checkSeparate(keys: tuple[Key, ...], accessTokens: tuple[str, ...], allowPath: str):
     """
     Refuse an access token that is also an upstream key: a client holding it

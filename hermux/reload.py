@@ -14,15 +14,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from hermux.access import AccessList
-from hermux.config import ConfigError, Key, checkSeparate, loadAccessTokens, loadKeys
+from hermux.config import ConfigError, Configuration, Key, loadConfiguration
 from hermux.keypool import KeyPool
-
-
-def _readConfiguration(tokensPath: str, allowPath: str) -> tuple[tuple[Key, ...], tuple[str, ...]]:
-    keys = loadKeys(tokensPath)
-    accessTokens = loadAccessTokens(allowPath)
-    checkSeparate(keys, accessTokens, allowPath)
-    return keys, accessTokens
 
 
 def describeKeyChanges(old: tuple[Key, ...], new: tuple[Key, ...]) -> list[str]:
@@ -97,14 +90,13 @@ class ConfigReloader(Service):
         self._log.info(
             "reloading {tokens} and {allow}", tokens=self._tokensPath, allow=self._allowPath
         )
-        d = deferToThread(_readConfiguration, self._tokensPath, self._allowPath)
+        d = deferToThread(loadConfiguration, self._tokensPath, self._allowPath)
         return d.addCallbacks(self._apply, self._reject)
 
-    def _apply(self, configuration) -> bool:
-        keys, accessTokens = configuration
-        changes = describeKeyChanges(self._pool.keys, keys)
-        self._pool.replaceKeys(keys)
-        added, removed = self._access.replace(accessTokens)
+    def _apply(self, configuration: Configuration) -> bool:
+        changes = describeKeyChanges(self._pool.keys, configuration.keys)
+        self._pool.replaceKeys(configuration.keys)
+        added, removed = self._access.replace(configuration.accessTokens)
         if added or removed:
             changes.append(f"access tokens: {added} added, {removed} removed")
         self._log.info(

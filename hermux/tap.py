@@ -7,20 +7,13 @@ from __future__ import annotations
 from twisted.application import strports
 from twisted.python import usage
 
-from hermux.access import AccessList, AuthThrottle
-from hermux.config import ConfigError, checkSeparate, loadAccessTokens, loadKeys
-from hermux.demo import DemoUpstream
-from hermux.keypool import KeyPool
+from hermux.config import ConfigError, loadConfiguration
 from hermux.ledger import LedgerError, SQLiteLedger
 from hermux.lifecycle import HermuxService
-from hermux.metrics import Metrics
-from hermux.probe import KeyProbe
-from hermux.relay import Relay
-from hermux.reload import ConfigReloader
 from hermux.requestlog import RequestLogFile
-from hermux.resource import buildRoot
-from hermux.site import HermuxSite, ensureFileLimit
-from hermux.upstream import connectToUpstream, loadTrustRoot, parseUpstreamURL
+from hermux.site import ensureFileLimit
+from hermux.upstream import loadTrustRoot, parseUpstreamURL
+from hermux.wiring import assemble
 
 DEFAULT_LISTEN = "tcp:3333:interface=127.0.0.1"
 
@@ -173,20 +166,10 @@ class Options(usage.Options):
                 self["upstream-ca"] = loadTrustRoot(self["upstream-ca"])
             except ValueError as e:
                 raise usage.UsageError(f"--upstream-ca: {e}")
-
-
-def _loadConfiguration(options):
-    """
-    Read both configuration files, or stop with one line saying what is
-    wrong with them.
-    """
-    try:
-        keys = loadKeys(options["tokens"])
-        accessTokens = loadAccessTokens(options["allow"])
-        checkSeparate(keys, accessTokens, options["allow"])
-    except ConfigError as e:
-        raise SystemExit(f"hermux: {e}")
-    return keys, accessTokens
+        try:
+            self["configuration"] = loadConfiguration(self["tokens"], self["allow"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
 
 
 def _openLedger(options, reactor) -> SQLiteLedger:
@@ -196,7 +179,7 @@ def _openLedger(options, reactor) -> SQLiteLedger:
         raise SystemExit(f"hermux: {e}")
 
 
-def _openAccessLog(options, reactor) -> RequestLogFile | None:
+def _openRequestLog(options, reactor) -> RequestLogFile | None:
     if options["access-log"] is None:
         return None
     try:
@@ -211,55 +194,22 @@ def makeService(options, reactor=None) -> HermuxService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    keys, accessTokens = _loadConfiguration(options)
-    metrics = Metrics()
-    ledger = _openLedger(options, reactor)
-    accessLog = _openAccessLog(options, reactor)
-    pool = KeyPool(keys, ledger=ledger, reactor=reactor)
-    metrics.watch(pool)
-    access = AccessList(accessTokens)
-    upstream = connectToUpstream(
-        options["upstream"],
-        reactor=reactor,
-        trustRoot=options["upstream-ca"],
-        connectTimeout=options["connect-timeout"],
-    )
-    relay = Relay(upstream, pool, idleTimeout=options["idle-timeout"], metrics=metrics, reactor=reactor)
-    throttle = AuthThrottle(options["auth-failures"], reactor=reactor)
-    root = buildRoot(pool, access, relay, ledger, metrics, throttle)
-    site = HermuxSite(
-        root,
-        maxBody=options["max-body"],
-        clientTimeout=options["client-timeout"],
-        maxConnections=options["max-connections"],
-        access=access,
-        metrics=metrics,
-        requestLog=accessLog,
+    hermux = assemble(
+        options["configuration"],
+        options,
+        ledger=_openLedger(options, reactor),
+        requestLog=_openRequestLog(options, reactor),
         reactor=reactor,
     )
     ensureFileLimit(options["max-connections"])
-
-    hermux = HermuxService(site, drainTimeout=options["drain-timeout"], reactor=reactor)
-    # Services stop last-added first: the access log and the ledger, added
-    # first, write the last lines and counts after everything else stopped.
-    if accessLog is not None:
-        accessLog.setName("access-log")
-        accessLog.setServiceParent(hermux)
-    for name, service in (("ledger", ledger), ("keypool", pool), ("upstream", upstream)):
-        service.setName(name)
-        service.setServiceParent(hermux)
-    if options["demo"]:
-        DemoUpstream(upstream, [key.token for key in keys], reactor=reactor).setServiceParent(hermux)
-    if options["probe-keys"]:
-        KeyProbe(pool, upstream).setServiceParent(hermux)
-    reloader = ConfigReloader(options["tokens"], options["allow"], pool, access, reactor=reactor)
-    reloader.onReload = metrics.reloaded
-    reloader.setName("reloader")
-    reloader.setServiceParent(hermux)
+    service = HermuxService(hermux.site, drainTimeout=options["drain-timeout"], reactor=reactor)
+    for name, child in hermux.services:
+        child.setName(name)
+        child.setServiceParent(service)
     for description in options["listen"]:
         try:
-            listener = strports.service(description, site, reactor=reactor)
+            listener = strports.service(description, hermux.site, reactor=reactor)
         except Exception as e:
             raise SystemExit(f"hermux: --listen {description!r}: {e}")
-        hermux.addListener(listener)
-    return hermux
+        service.addListener(listener)
+    return service

@@ -22,16 +22,11 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
 import hermux
-from hermux.access import AccessList, AuthThrottle
-from hermux.config import Key
-from hermux.keypool import KeyPool
+from hermux.config import Configuration, Key
 from hermux.ledger import MemoryLedger
-from hermux.metrics import Metrics
-from hermux.relay import Relay
-from hermux.resource import buildRoot
-from hermux.site import HermuxSite
+from hermux.tap import Options
 from hermux.testing import FakeOpenRouter, fakeSite
-from hermux.upstream import connectToUpstream
+from hermux.wiring import assemble
 
 KEYS = (
     Key("alpha", "sk-or-v1-test-alpha-4f1c9e0b7d2a"),
@@ -87,6 +82,9 @@ class Proxy:
     @ivar metrics: its metrics.
     @ivar ledger: its ledger (in memory unless one is given).
     @ivar throttle: its throttle of failed access tokens.
+    @ivar reloader: its configuration reloader, reading C{tokensPath} and
+        C{allowPath}.
+    @ivar components: everything L{assemble} built.
     """
 
     def __init__(
@@ -108,6 +106,8 @@ class Proxy:
         maxConnections: int = 1024,
         authFailures: int = 10,
         requestLog=None,
+        tokensPath: str = "tokens.csv",
+        allowPath: str = "allow.txt",
     ):
         self._testCase = testCase
         self.fake = FakeOpenRouter(
@@ -124,32 +124,39 @@ class Proxy:
             scheme, host = b"https", b"localhost"
         if upstreamBase is None:
             upstreamBase = b"%s://%s:%d" % (scheme, host, self.fakePort.getHost().port)
-        self.upstream = connectToUpstream(
-            upstreamBase, reactor=reactor, trustRoot=trustRoot, connectTimeout=connectTimeout
-        )
-        testCase.addCleanup(self.upstream.stopService)
         self.upstreamBase = upstreamBase
-        self.ledger = ledger if ledger is not None else MemoryLedger()
-        self.pool = KeyPool(keys, ledger=self.ledger, reactor=reactor)
-        self.metrics = Metrics()
-        self.metrics.watch(self.pool)
-        self.access = AccessList(accessTokens)
-        self.throttle = AuthThrottle(authFailures)
-        self.relay = Relay(
-            self.upstream, self.pool, idleTimeout=idleTimeout, metrics=self.metrics, reactor=reactor
+        options = Options()
+        options.update(
+            {
+                "upstream": upstreamBase,
+                "upstream-ca": trustRoot,
+                "connect-timeout": connectTimeout,
+                "idle-timeout": idleTimeout,
+                "max-body": maxBody,
+                "client-timeout": clientTimeout,
+                "max-connections": maxConnections,
+                "auth-failures": authFailures,
+                "tokens": tokensPath,
+                "allow": allowPath,
+            }
         )
-        root = buildRoot(
-            self.pool, self.access, self.relay, self.ledger, self.metrics, self.throttle
-        )
-        self.site = HermuxSite(
-            root,
-            maxBody=maxBody,
-            clientTimeout=clientTimeout,
-            maxConnections=maxConnections,
-            access=self.access,
-            metrics=self.metrics,
+        self.components = assemble(
+            Configuration(tuple(keys), tuple(accessTokens)),
+            options,
+            ledger=ledger if ledger is not None else MemoryLedger(),
             requestLog=requestLog,
+            reactor=reactor,
         )
+        self.upstream = self.components.upstream
+        testCase.addCleanup(self.upstream.stopService)
+        self.ledger = self.components.ledger
+        self.pool = self.components.pool
+        self.metrics = self.components.metrics
+        self.access = self.components.access
+        self.throttle = self.components.throttle
+        self.relay = self.components.relay
+        self.site = self.components.site
+        self.reloader = self.components.reloader
         self.port = self._listen(self.site)
         clientPool = HTTPConnectionPool(reactor, persistent=False)
         testCase.addCleanup(clientPool.closeCachedConnections)
@@ -338,7 +345,10 @@ class Twistd(ProcessProtocol):
         The port hermux listens on, once its log says so.
         """
         marker = rb"HermuxSite \(TLS\) starting on (\d+)" if tls else rb"HermuxSite starting on (\d+)"
-        await waitUntil(lambda: re.search(marker, self.output), timeout=30)
+        try:
+            await waitUntil(lambda: re.search(marker, self.output), timeout=30)
+        except AssertionError:
+            raise AssertionError(f"twistd did not say it listens; its output: {self.output!r}")
         return int(re.search(marker, self.output).group(1))
 
 

@@ -70,8 +70,14 @@ class ReloadTests(TestCase):
         self.ledger = MemoryLedger()
         # Earlier today, before a restart, a key named delta was in use.
         self.ledger.record(dayOf(reactor.seconds()), "delta", requests=1)
-        self.proxy = Proxy(self, accessTokens=(ACCESS_TOKEN, OTHER_TOKEN), ledger=self.ledger)
-        self.reloader = ConfigReloader(self.tokens, self.allow, self.proxy.pool, self.proxy.access)
+        self.proxy = Proxy(
+            self,
+            accessTokens=(ACCESS_TOKEN, OTHER_TOKEN),
+            ledger=self.ledger,
+            tokensPath=self.tokens,
+            allowPath=self.allow,
+        )
+        self.reloader = self.proxy.reloader
         self.reloaded = []
         self.reloader.onReload = self.reloaded.append
 

@@ -1,0 +1,132 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The one place where hermux's components are made and connected: the key
+pool, the access list and throttle, the upstream and the relay, the
+resource tree and the site, and the services that run beside them.
+
+L{makeService} (twistd), the test harness and the benchmarks all build
+hermux with L{assemble}, so that what is tested is what runs.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Components", "assemble"]
+
+from collections.abc import Mapping
+
+import attr
+from twisted.application.service import IService
+from twisted.web.resource import Resource
+
+from hermux.access import AccessList, AuthThrottle
+from hermux.config import Configuration
+from hermux.demo import DemoUpstream
+from hermux.keypool import KeyPool
+from hermux.ledger import ILedger
+from hermux.metrics import Metrics
+from hermux.probe import KeyProbe
+from hermux.relay import Relay
+from hermux.reload import ConfigReloader
+from hermux.requestlog import IRequestLog
+from hermux.resource import buildRoot
+from hermux.site import HermuxSite
+from hermux.upstream import Upstream, connectToUpstream
+
+
+@attr.frozen
+class Components:
+    """
+    A hermux, built but not started.
+
+    @ivar services: the services that must run beside the site, by name, in
+        the order they start (they stop in the reverse order: the request
+        log and the ledger, first, stop last and write the final lines and
+        counts).
+    """
+
+    configuration: Configuration
+    metrics: Metrics
+    ledger: ILedger
+    requestLog: IRequestLog | None
+    pool: KeyPool
+    access: AccessList
+    throttle: AuthThrottle
+    upstream: Upstream
+    relay: Relay
+    root: Resource
+    site: HermuxSite
+    reloader: ConfigReloader
+    services: tuple[tuple[str, IService], ...]
+
+
+def assemble(
+    configuration: Configuration,
+    options: Mapping,
+    *,
+    ledger: ILedger,
+    requestLog: IRequestLog | None = None,
+    reactor,
+) -> Components:
+    """
+    Build hermux from its loaded C{configuration} and its C{options} (a
+    parsed L{hermux.tap.Options}, or one with some values set by a test).
+
+    The ledger and the request log are opened by the caller: opening them
+    touches the disk, and what to do when that fails is the caller's.
+    """
+    metrics = Metrics()
+    pool = KeyPool(configuration.keys, ledger=ledger, reactor=reactor)
+    metrics.watch(pool)
+    access = AccessList(configuration.accessTokens)
+    throttle = AuthThrottle(options["auth-failures"], reactor=reactor)
+    upstream = connectToUpstream(
+        options["upstream"],
+        reactor=reactor,
+        trustRoot=options["upstream-ca"],
+        connectTimeout=options["connect-timeout"],
+    )
+    relay = Relay(
+        upstream, pool, idleTimeout=options["idle-timeout"], metrics=metrics, reactor=reactor
+    )
+    root = buildRoot(pool, access, relay, ledger, metrics, throttle)
+    site = HermuxSite(
+        root,
+        maxBody=options["max-body"],
+        clientTimeout=options["client-timeout"],
+        maxConnections=options["max-connections"],
+        access=access,
+        metrics=metrics,
+        requestLog=requestLog,
+        reactor=reactor,
+    )
+    reloader = ConfigReloader(options["tokens"], options["allow"], pool, access, reactor=reactor)
+    reloader.onReload = metrics.reloaded
+
+    services: list[tuple[str, IService]] = [
+        (name, service)
+        for name, service in (("access-log", requestLog), ("ledger", ledger))
+        if IService.providedBy(service)
+    ]
+    services += [("keypool", pool), ("upstream", upstream)]
+    if options["demo"]:
+        demo = DemoUpstream(upstream, [key.token for key in configuration.keys], reactor=reactor)
+        services.append(("demo", demo))
+    if options["probe-keys"]:
+        services.append(("probe", KeyProbe(pool, upstream)))
+    services.append(("reloader", reloader))
+
+    return Components(
+        configuration=configuration,
+        metrics=metrics,
+        ledger=ledger,
+        requestLog=requestLog,
+        pool=pool,
+        access=access,
+        throttle=throttle,
+        upstream=upstream,
+        relay=relay,
+        root=root,
+        site=site,
+        reloader=reloader,
+        services=tuple(services),
+    )
