@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """
 Loading hermux's two configuration files: the upstream keys (tokens.csv) and
 the clients' access tokens (allow.txt).
@@ -7,6 +8,18 @@ never quoting a key or an access token.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "Key",
+    "ConfigError",
+    "loadKeys",
+    "parseKeys",
+    "loadAccessTokens",
+    "parseAccessTokens",
+    "Configuration",
+    "loadConfiguration",
+    "checkSeparate",
+]
 
 import csv
 import io

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_resource -*-
 """
 Errors hermux itself answers with, in OpenRouter's shape:
 C{{"error": {"code": 401, "message": "..."}}}.
@@ -7,6 +8,8 @@ path on disk, a key or an access token.
 """
 
 from __future__ import annotations
+
+__all__ = ["reasonPhrase", "errorBody", "renderError", "writeError", "ErrorResource"]
 
 import json
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_hygiene -*-
 """
 What of a client's request may reach the upstream, and what of the upstream's
 answer may reach the client.
@@ -8,6 +9,8 @@ cookies never go upstream; the upstream's cookies never reach a client.
 """
 
 from __future__ import annotations
+
+__all__ = ["BadTarget", "upstreamHeaders", "copyResponseHeaders", "upstreamTarget"]
 
 import re
 from urllib.parse import unquote_to_bytes

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_keypool -*-
 """
 The key pool: which upstream key serves the next request, and what is known
 of each key's allowance today.
@@ -10,6 +11,21 @@ means for a key arrives as a L{Verdict}.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "SECONDS_PER_DAY",
+    "dayOf",
+    "isoTime",
+    "nextMidnight",
+    "State",
+    "Kind",
+    "Verdict",
+    "OK",
+    "ERROR",
+    "KeyStatus",
+    "NoKeyAvailable",
+    "KeyPool",
+]
 
 import random
 from collections.abc import Iterable

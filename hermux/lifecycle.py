@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_operations -*-
 """
 How hermux stops: on SIGTERM (twistd's normal stop) it stops accepting
 connections, lets the requests in flight finish for up to the drain timeout,
@@ -6,6 +7,8 @@ final counts are written, and exits with status 0.
 """
 
 from __future__ import annotations
+
+__all__ = ["HermuxService"]
 
 import gc
 import signal

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_quota -*-
 """
 What OpenRouter's answers say about the key that got them.
 
@@ -18,6 +19,8 @@ fault.  401 means an invalid or disabled key, 402 a negative balance, and
 """
 
 from __future__ import annotations
+
+__all__ = ["KEY_STATUSES", "COOLING_DEFAULT", "COOLING_LONGEST", "EXHAUSTED_LONGEST", "classify"]
 
 import json
 import math

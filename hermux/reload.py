@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_operations -*-
 """
 Reloading the configuration while hermux runs: C{kill -HUP <pid>} re-reads
 tokens.csv and allow.txt, and applies them whole, or not at all if either
@@ -5,6 +6,8 @@ has an error.
 """
 
 from __future__ import annotations
+
+__all__ = ["describeKeyChanges", "ConfigReloader"]
 
 import signal
 

@@ -1,8 +1,11 @@
+# -*- test-case-name: tests.test_tap -*-
 """
 The twistd plugin's options and service wiring: C{twistd hermux --help}.
 """
 
 from __future__ import annotations
+
+__all__ = ["DEFAULT_LISTEN", "Options", "makeService"]
 
 from twisted.application import strports
 from twisted.python import usage
