@@ -2,7 +2,7 @@
 twistd with the patches of bench/patches.py named in C{$BENCH_PATCHES}
 (comma-separated) applied first.
 
-    BENCH_PATCHES=noformparse,directagent python -m bench.patched_twistd -n hermux ...
+    BENCH_PATCHES=name,name python -m bench.patched_twistd -n hermux ...
 """
 
 import os
