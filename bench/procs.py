@@ -172,6 +172,12 @@ class Processes:
         self._running.append(process)
         return process
 
+    def find(self, pid: int) -> Process:
+        """
+        The running process whose pid is C{pid}.
+        """
+        return next(p for p in self._running if p.pid == pid)
+
     def stop(self, process: Process) -> None:
         process.stop()
         if process in self._running:

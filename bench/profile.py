@@ -31,9 +31,11 @@ import sys
 import time
 import tracemalloc
 
-from bench import nginx
+from bench import names, nginx
+from bench.loads import Loads
+from bench.memory import Memory
 from bench.procs import Processes, freePort, prepare
-from bench.suite import ACCESS_TOKEN, HERE, REPO, TWISTD, Run, Target
+from bench.targets import HERE, REPO, TWISTD, Targets
 
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 _SITE = re.compile(r"^.*?/(site|dist)-packages/")
@@ -55,6 +57,8 @@ def frameKey(frame: str) -> tuple[str, str]:
 # What the hot path is made of: a sample belongs to the innermost of these
 # functions on its stack, so each line counts its function's time less the
 # time of the ones nested in it.  (function, file) -> what it stands for.
+# A function is named as py-spy names its frames: by the class that defines
+# it, in the file that defines it (tests/test_bench.py checks that each is).
 STEPS = [
     (("EPollReactor.doPoll", "twisted/internet/epollreactor.py"), "reactor: epoll wait and dispatch"),
     (("Connection.doRead", "twisted/internet/tcp.py"), "sockets: recv and dispatch"),
@@ -150,24 +154,44 @@ def _fileTable(title, counter, total, perRequest, limit) -> list[str]:
     return out + [""]
 
 
-class Profiler(Run):
-    def __init__(self, args, tmp, procs):
-        super().__init__(args, tmp, procs)
-        self.args.big_mb = 0  # no 100 MB file for nginx to serve
+def staleSteps(steps=STEPS) -> list[str]:
+    """
+    Why each step that names no function as it is now names nothing.
+    """
+    found = (names.functionProblem(function, path) for (function, path), _ in steps)
+    return [problem for problem in found if problem]
+
+
+class Profiler:
+    """
+    hermux profiled three ways, in the temporary directory C{tmp}, with
+    the reports' files in C{out}.
+    """
+
+    def __init__(self, args, tmp, procs, out):
+        self.args = args
+        self.tmp = tmp
+        self.procs = procs
+        self.out = out
+        self.python = sys.executable
+        self.targets = Targets(tmp, procs)
+        self.problems: list[str] = []
+        self.loads = Loads(tmp, self.problems, duration=args.seconds)
+        self.streams = Memory(self.targets, self.problems, promptKB=args.prompt_kb)
 
     def startHermuxWith(self, name, upstream, prefix, env=None):
         port = freePort()
-        argv = prefix + ["-n", "--pidfile=", "--logfile=-"] + self.hermuxOptions(name, upstream, port)
+        argv = prefix + ["-n", "--pidfile=", "--logfile=-"] + self.targets.hermuxOptions(name, upstream, port)
         if self.args.access_log:
-            argv += ["--access-log", os.path.join(self.tmp, f"{name}.access.log")]
+            argv += ["--access-log", self.targets.accessLog(name)]
         environ = dict(os.environ, **(env or {}))
-        proc = self.procs.start(name, argv, os.path.join(self.tmp, f"{name}.out"), cwd=REPO, env=environ)
-        proc.waitForPort(port, timeout=90)  # slow to start under tracemalloc
-        return Target(name, port, ACCESS_TOKEN, [proc.pid]), proc
+        # Slow to start under tracemalloc.
+        target = self.targets.start(name, argv, port, env=environ, timeout=90)
+        return target, self.targets.process(target)
 
     def chatLoad(self, target, seconds):
-        return self.load(target, nginx.CHAT_PATH, nginx.CHAT_REQUEST,
-                         seconds=seconds, connections=self.args.connections)
+        return self.loads.load(target, nginx.CHAT_PATH, nginx.CHAT_REQUEST,
+                               seconds=seconds, connections=self.args.connections)
 
     def pyspy(self, direct) -> list[str]:
         pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
@@ -245,9 +269,9 @@ class Profiler(Run):
                 time.sleep(0.2)
             time.sleep(1)  # let the dump finish writing
 
-        self.heldStreams(target, slow, 50)  # warm up: pools, caches, code paths
+        self.streams.heldStreams(target, slow, 50)  # warm up: pools, caches, code paths
         takeSnapshot(1)
-        held = self.heldStreams(target, slow, self.args.streams, onOpened=lambda: takeSnapshot(2))
+        held = self.streams.heldStreams(target, slow, self.args.streams, onOpened=lambda: takeSnapshot(2))
         takeSnapshot(3, collect=True)
         with open(f"{snapshot}.3.gc") as f:
             collected = int(f.read())
@@ -319,16 +343,14 @@ def main(argv) -> int:
     parser.add_argument("--skip", action="append", default=[], choices=["pyspy", "cprofile", "memory"])
     parser.add_argument("--out", default=os.path.join(HERE, "profile-out"))
     args = parser.parse_args(argv)
-    args.command = "bench/run profile " + " ".join(argv)
-    args.duration = args.seconds
+    for problem in staleSteps():
+        print(f"bench: a step of the hot path names nothing: {problem}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     tmp = prepare("hermux-profile-")
     procs = Processes()
     try:
-        profiler = Profiler(args, tmp, procs)
-        profiler.out = args.out
-        profiler.writeConfig()
-        direct = profiler.startNginx()
+        profiler = Profiler(args, tmp, procs, args.out)
+        direct = profiler.targets.startNginx()
 
         def section(name, lines):
             text = "\n".join(lines)
@@ -341,10 +363,12 @@ def main(argv) -> int:
         if "cprofile" not in args.skip:
             section("cprofile", profiler.cprofile(direct))
         if "memory" not in args.skip:
-            slow = profiler.startSlowUpstream("slow-streams", 5.0)
+            slow = profiler.targets.startSlowUpstream("slow-streams", 5.0)
             section("memory", profiler.memory(slow))
     finally:
         procs.stopAll()
         shutil.rmtree(tmp, ignore_errors=True)
+    for problem in profiler.problems:
+        print(f"bench: {problem}", file=sys.stderr)
     print(f"bench: reports in {args.out}", file=sys.stderr)
     return 0

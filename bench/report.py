@@ -111,6 +111,22 @@ def scanLog(path: str) -> dict:
     return {"requestLines": requests, "outcomes": dict(outcomes), "problems": problems, "examples": examples}
 
 
+def readLogs(processes, files: dict[str, str]) -> tuple[dict, list[str]]:
+    """
+    What the logs of C{processes} (their output) and the log C{files}
+    (name -> path, if it exists) say, by name (see L{scanLog}); and a
+    problem for each log with warning, error or traceback lines.
+    """
+    logs = {p.name: scanLog(p.logPath) for p in processes}
+    logs.update({name: scanLog(path) for name, path in files.items() if os.path.exists(path)})
+    problems = [
+        f"{name}: {scan['problems']} warning/error/traceback log lines"
+        for name, scan in logs.items()
+        if scan["problems"]
+    ]
+    return logs, problems
+
+
 def _ms(value, digits=3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
