@@ -1,11 +1,18 @@
 """
 Tests for the benchmark suite's own parsing: wrk's output, chunked bodies,
-py-spy's collapsed stacks, callgrind's totals.  They need neither nginx nor wrk.
+py-spy's collapsed stacks, callgrind's totals; that the names in hermux/
+the profiler and the experiments rely on exist; and the command dispatch.
+They need neither nginx nor wrk.
 """
+
+import argparse
+import subprocess
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from bench import clients, wrk
+from bench import __main__ as command
+from bench import clients, experiments, names, patches, profile, wrk
 from bench.instructions import callgrindTotal
 from bench.profile import collapse, frameKey
 
@@ -156,3 +163,157 @@ class CallgrindTotalTests(SynchronousTestCase):
 
     def test_summaryWithoutTotals(self):
         self.assertEqual(callgrindTotal(self.write("events: Ir\nsummary: 987\n")), 987)
+
+
+class _Defines:
+    def method(self):
+        pass
+
+    @property
+    def value(self):
+        return 1
+
+
+class _Inherits(_Defines):
+    pass
+
+
+class NameTests(SynchronousTestCase):
+    """
+    The names the profiler attributes samples to, and the names the
+    experiments' patches replace, exist in hermux/ as the tables say:
+    read from the tables themselves, so that a rename fails here, by name.
+    """
+
+    def test_profileSteps(self):
+        """
+        Every step of the hot path in L{profile.STEPS} names a function
+        defined (not only inherited) in the file it gives.
+        """
+        problems = profile.staleSteps()
+        self.assertEqual(problems, [], "\n".join(problems))
+        inHermux = [function for (function, path), _ in profile.STEPS if path.startswith("hermux/")]
+        self.assertGreater(len(inHermux), 10)
+
+    def test_experimentVariants(self):
+        """
+        Every variant's patches are in bench/patches.py, every name in
+        hermux/ they replace exists, and every log observer a variant uses.
+        """
+        problems = [p for variant in experiments.VARIANTS for p in experiments.variantProblems(variant)]
+        self.assertEqual(problems, [], "\n".join(problems))
+        for patch in patches.PATCHES.values():
+            for dotted in patch.names:
+                self.assertTrue(dotted.startswith("hermux."), dotted)
+
+    def test_functionProblem(self):
+        """
+        A function is found by its qualified name in its file; one that is
+        missing, only inherited, or in another file is reported by name.
+        """
+        here = "tests/test_bench.py"
+        self.assertIsNone(names.functionProblem("_Defines.method", here))
+        self.assertIsNone(names.functionProblem("_Defines.value", here))
+        self.assertIsNone(names.functionProblem("NameTests.test_functionProblem", here))
+        self.assertIn("_Defines.gone", names.functionProblem("_Defines.gone", here))
+        self.assertIn("inherited", names.functionProblem("_Inherits.method", here))
+        # Imported here from bench/profile.py, defined there.
+        self.assertIn("defined in", names.functionProblem("collapse", here))
+        self.assertIn("does not import", names.functionProblem("f", "bench/no_such_module.py"))
+
+    def test_staleStepNamed(self):
+        """
+        A step that names a function no longer there makes L{profile.staleSteps} say which.
+        """
+        steps = [(("_Inherits.method", "tests/test_bench.py"), "a step")]
+        [problem] = profile.staleSteps(steps)
+        self.assertIn("_Inherits.method", problem)
+
+    def test_attributeProblem(self):
+        self.assertIsNone(names.attributeProblem("bench.quietlog.fastObserver"))
+        self.assertIsNone(names.attributeProblem("tests.test_bench._Defines.method"))
+        self.assertIn("no gone", names.attributeProblem("tests.test_bench._Defines.gone"))
+        self.assertIn("no module", names.attributeProblem("nosuchpackage.x"))
+
+    def test_variantWithMissingPatch(self):
+        """
+        A variant naming a patch that is not there, or a patch replacing a
+        name that is gone, is reported before anything runs.
+        """
+        self.patch(patches, "PATCHES", {"gone": patches.Patch(lambda: None, ("bench.quietlog.noSuchObserver",))})
+        variant = experiments.Variant("x", "a test", patches=("gone", "unknown"))
+        problems = experiments.variantProblems(variant)
+        self.assertEqual(len(problems), 2)
+        self.assertIn("noSuchObserver", problems[0])
+        self.assertIn("unknown", problems[1])
+
+
+class DispatchTests(SynchronousTestCase):
+    """
+    bench/__main__.py hands the arguments after a command's name to that
+    command's main, and all of them to the benchmark's without one.
+    """
+
+    def setUp(self):
+        self.calls = []
+        for module in ("bench.suite", "bench.profile", "bench.instructions", "bench.experiments"):
+            __import__(module)
+            self.patch(sys.modules[module], "main", lambda argv, m=module: self.calls.append((m, argv)) or 0)
+
+    def test_commands(self):
+        command.main(["profile", "--seconds", "1"])
+        command.main(["experiments"])
+        command.main(["instructions", "--only", "hermux"])
+        command.main(["--quick"])
+        command.main([])
+        self.assertEqual(self.calls, [
+            ("bench.profile", ["--seconds", "1"]),
+            ("bench.experiments", []),
+            ("bench.instructions", ["--only", "hermux"]),
+            ("bench.suite", ["--quick"]),
+            ("bench.suite", []),
+        ])
+
+    def test_suiteImportsNoCommand(self):
+        """
+        The benchmark's module does not import the other commands' modules
+        (they import the modules it is made of).
+        """
+        code = "import sys, bench.suite; print(' '.join(sorted(sys.modules)))"
+        loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        for module in ("bench.profile", "bench.instructions", "bench.experiments"):
+            self.assertNotIn(module, loaded.stdout.split())
+        self.assertIn("bench.loads", loaded.stdout.split())
+
+
+class ExperimentsReportTests(SynchronousTestCase):
+    """
+    The experiments' report pairs each variant's rounds with the first's.
+    """
+
+    def wrkRun(self, cpu, requests=1000):
+        return {"requests": requests, "seconds": 5.0, "bytes": 0, "errors": 0, "p50_ms": 1.0,
+                "p90_ms": 2.0, "p99_ms": 3.0, "rate": requests / 5.0, "cpu": cpu, "upstreamCpu": 0.1}
+
+    def test_beforeAndAfter(self):
+        args = argparse.Namespace(rounds=2, duration=5.0, connections=16, baseline="abc1234", ttfb_samples=50)
+        variants = [experiments.Variant("hermux@abc1234", "before", tree="/elsewhere"),
+                    experiments.VARIANTS[0]]
+        measured = {"chat": {"hermux@abc1234": [self.wrkRun(1.0), self.wrkRun(0.8)],
+                             "hermux": [self.wrkRun(0.9), self.wrkRun(0.8)]}}
+        text = experiments.reportText(args, variants, measured, {}, [],
+                                      {"commit": "def5678", "loadavg": "0.1"})
+        self.assertIn("Working tree: def5678", text)
+        self.assertIn("paired: the median, over rounds, of the saving against hermux@abc1234", text)
+        self.assertIn("Before and after: hermux@abc1234 0.900 ms CPU per request, the working tree's "
+                      "hermux 0.850 ms (0.944x); per round 0.900x, 1.000x (sorted), median 0.950x", text)
+        self.assertIn("Problems: none", text)
+
+    def test_variantProcess(self):
+        baseline = experiments.Variant("old", "before", tree="/elsewhere")
+        self.assertEqual(baseline.environ()["PYTHONPATH"], "/elsewhere")
+        self.assertEqual(baseline.argv("python", ["hermux"])[:2], ["python", "-c"])
+        patched = experiments.Variant("new", "a patch", patches=("a", "b"))
+        self.assertEqual(patched.environ()["BENCH_PATCHES"], "a,b")
+        self.assertEqual(patched.argv("python", ["hermux"])[:3], ["python", "-m", "bench.patched_twistd"])
+        self.assertNotEqual(experiments.VARIANTS[0].environ().get("PYTHONPATH"), "/elsewhere")
