@@ -60,6 +60,41 @@ async def sleep(seconds: float):
     await deferLater(reactor, seconds, lambda: None)
 
 
+def hermuxOptions(
+    *,
+    upstream: bytes,
+    trustRoot=None,
+    connectTimeout: float,
+    idleTimeout: float,
+    maxBody: int,
+    clientTimeout: float | None,
+    maxConnections: int,
+    authFailures: int,
+    tokensPath: str,
+    allowPath: str,
+) -> Options:
+    """
+    hermux's options with the values a test harness sets, and the defaults
+    of L{Options} for the rest.
+    """
+    options = Options()
+    options.update(
+        {
+            "upstream": upstream,
+            "upstream-ca": trustRoot,
+            "connect-timeout": connectTimeout,
+            "idle-timeout": idleTimeout,
+            "max-body": maxBody,
+            "client-timeout": clientTimeout,
+            "max-connections": maxConnections,
+            "auth-failures": authFailures,
+            "tokens": tokensPath,
+            "allow": allowPath,
+        }
+    )
+    return options
+
+
 def closedFreePort() -> int:
     """
     A loopback port with nothing listening on it.
@@ -125,20 +160,17 @@ class Proxy:
         if upstreamBase is None:
             upstreamBase = b"%s://%s:%d" % (scheme, host, self.fakePort.getHost().port)
         self.upstreamBase = upstreamBase
-        options = Options()
-        options.update(
-            {
-                "upstream": upstreamBase,
-                "upstream-ca": trustRoot,
-                "connect-timeout": connectTimeout,
-                "idle-timeout": idleTimeout,
-                "max-body": maxBody,
-                "client-timeout": clientTimeout,
-                "max-connections": maxConnections,
-                "auth-failures": authFailures,
-                "tokens": tokensPath,
-                "allow": allowPath,
-            }
+        options = hermuxOptions(
+            upstream=upstreamBase,
+            trustRoot=trustRoot,
+            connectTimeout=connectTimeout,
+            idleTimeout=idleTimeout,
+            maxBody=maxBody,
+            clientTimeout=clientTimeout,
+            maxConnections=maxConnections,
+            authFailures=authFailures,
+            tokensPath=tokensPath,
+            allowPath=allowPath,
         )
         self.components = assemble(
             Configuration(tuple(keys), tuple(accessTokens)),

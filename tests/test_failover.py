@@ -1,6 +1,8 @@
 """
-Quota-aware forwarding end to end: what hermux does when OpenRouter says a
-key cannot serve.
+Quota-aware forwarding through hermux as it is wired, in memory (see
+L{tests.memory}): what hermux does when OpenRouter says a key cannot serve.
+Time stands still unless a test moves it, so the times a key is cooling or
+exhausted until, and the Retry-After hermux sends, are asserted exactly.
 """
 
 from __future__ import annotations
@@ -9,25 +11,27 @@ import json
 import math
 import os
 
-from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hermux.keypool import KeyPool, State, dayOf, nextMidnight
 from hermux.ledger import SQLiteLedger
 from hermux.probe import KeyProbe
-from tests.harness import ACCESS_TOKEN, CHAT, KEYS, Proxy, chatBody
+from tests.harness import ACCESS_TOKEN, CHAT, KEYS, chatBody
+from tests.memory import NOW, MemoryProxy
 
 ALPHA, BETA, GAMMA = KEYS
+HOUR = 3600.0
 
 
 def rateLimit(kind: str, resetIn: float | None = None, inHeader: bool = False):
     """
-    OpenRouter's 429 body (and headers) for a cap of C{kind}.
+    OpenRouter's 429 body (and headers) for a cap of C{kind}, with a reset
+    time C{resetIn} seconds after L{NOW}.
     """
     metadata = {}
     headers = {}
     if resetIn is not None:
-        reset = str(int((reactor.seconds() + resetIn) * 1000))
+        reset = str(int((NOW + resetIn) * 1000))
         if inHeader:
             headers["X-RateLimit-Reset"] = reset
         else:
@@ -55,92 +59,102 @@ def attemptsBy(proxy) -> dict[str, int]:
     return counts
 
 
-class FailoverTests(TestCase):
+class FailoverTests(SynchronousTestCase):
     """
     A key-attributable refusal before any byte reached the client is
     retried on another key; the client sees only the success.
     """
 
-    async def assertServedBy(self, proxy, name, stream=False):
-        response = await proxy.chat(stream=stream)
-        body = await response.content()
+    def assertServedBy(self, proxy, name, stream=False):
+        response, body = proxy.chatted(stream=stream)
         self.assertEqual(response.code, 200, body)
         self.assertEqual(response.headers.getRawHeaders("X-Token-Name"), [name])
         return body
 
-    async def test_perDayCapMovesOn(self):
+    def test_perDayCapMovesOn(self):
         """
-        Keys that answer "free-models-per-day" are exhausted and skipped;
-        each is tried at most once.
+        Keys that answer "free-models-per-day" are exhausted until the reset
+        time the answer gives, and skipped; each is tried at most once.
         """
-        proxy = Proxy(self)
-        body, headers = rateLimit("day", resetIn=3 * 3600)
+        proxy = MemoryProxy(self)
+        body, headers = rateLimit("day", resetIn=3 * HOUR)
         for key in (ALPHA, BETA):
             proxy.fake.answerNext(429, body, headers, key=key.token, times=None)
         for _ in range(4):
-            await self.assertServedBy(proxy, GAMMA.name)
+            self.assertServedBy(proxy, GAMMA.name)
         self.assertEqual(attemptsBy(proxy), {"alpha": 1, "beta": 1, "gamma": 4})
         states = {s.name: s for s in proxy.pool.statuses()}
         self.assertEqual(states["alpha"].state, State.EXHAUSTED)
-        self.assertLessEqual(abs(states["alpha"].usableAt - reactor.seconds() - 3 * 3600), 60)
+        self.assertEqual(states["alpha"].usableAt, NOW + 3 * HOUR)
 
-    async def test_perMinuteCapCools(self):
-        proxy = Proxy(self)
+    def test_perMinuteCapCools(self):
+        """
+        Keys that answer "free-models-per-min" cool until the reset time
+        the answer gives, exactly, and serve again from then on.
+        """
+        proxy = MemoryProxy(self)
         body, headers = rateLimit("minute", resetIn=30, inHeader=True)
-        proxy.fake.answerNext(429, body, headers, key=ALPHA.token, times=None)
-        proxy.fake.answerNext(429, body, headers, key=BETA.token, times=None)
-        await self.assertServedBy(proxy, GAMMA.name)
+        proxy.fake.answerNext(429, body, headers, key=ALPHA.token, times=1)
+        proxy.fake.answerNext(429, body, headers, key=BETA.token, times=1)
+        self.assertServedBy(proxy, GAMMA.name)
+        states = {s.name: s for s in proxy.pool.statuses()}
+        self.assertEqual(states["gamma"].state, State.READY)
+        cooled = [n for n, a in attemptsBy(proxy).items() if a and n != "gamma"]
+        for name in cooled:
+            self.assertEqual(states[name].state, State.COOLING)
+            self.assertEqual(states[name].usableAt, NOW + 30)
+        proxy.advance(29.5)
         states = {s.name: s.state for s in proxy.pool.statuses()}
-        self.assertEqual(states["gamma"], State.READY)
-        for name in (n for n, a in attemptsBy(proxy).items() if a and n != "gamma"):
+        for name in cooled:
             self.assertEqual(states[name], State.COOLING)
+        proxy.advance(0.5)
+        self.assertEqual({s.state for s in proxy.pool.statuses()}, {State.READY})
 
-    async def test_invalidKeysAreDisabled(self):
+    def test_invalidKeysAreDisabled(self):
         """
         401 and 403 disable a key until the configuration is reloaded; 402
         for the rest of the UTC day.
         """
-        proxy = Proxy(self)
+        proxy = MemoryProxy(self)
         proxy.fake.answerNext(401, {"error": {"code": 401, "message": "User not found."}}, key=ALPHA.token, times=None)
         proxy.fake.answerNext(402, {"error": {"code": 402, "message": "Insufficient credits"}}, key=BETA.token, times=None)
         for _ in range(3):
-            await self.assertServedBy(proxy, GAMMA.name)
+            self.assertServedBy(proxy, GAMMA.name)
         states = {s.name: s for s in proxy.pool.statuses()}
         self.assertEqual(states["alpha"].state, State.DISABLED)
         self.assertIsNone(states["alpha"].usableAt)
         self.assertEqual(states["beta"].state, State.DISABLED)
-        self.assertEqual(states["beta"].usableAt, nextMidnight(reactor.seconds()))
+        self.assertEqual(states["beta"].usableAt, nextMidnight(NOW))
 
-    async def test_forbiddenKeyMovesOn(self):
-        proxy = Proxy(self)
+    def test_forbiddenKeyMovesOn(self):
+        proxy = MemoryProxy(self)
         for key in (ALPHA, BETA):
             proxy.fake.answerNext(403, {"error": {"code": 403, "message": "Key disabled"}}, key=key.token, times=None)
-        await self.assertServedBy(proxy, GAMMA.name)
+        self.assertServedBy(proxy, GAMMA.name)
 
-    async def test_streamingRequestMovesOn(self):
-        proxy = Proxy(self)
+    def test_streamingRequestMovesOn(self):
+        proxy = MemoryProxy(self)
         body, headers = rateLimit("minute")
         for key in (ALPHA, BETA):
             proxy.fake.answerNext(429, body, headers, key=key.token, times=None)
-        stream = await self.assertServedBy(proxy, GAMMA.name, stream=True)
+        stream = self.assertServedBy(proxy, GAMMA.name, stream=True)
         self.assertTrue(stream.endswith(b"data: [DONE]\n\n"))
 
-    async def test_retrySendsTheSameRequest(self):
+    def test_retrySendsTheSameRequest(self):
         """
         A retried request carries the same method, target, headers and body,
         with only the key changed.
         """
-        proxy = Proxy(self)
+        proxy = MemoryProxy(self)
         body, headers = rateLimit("minute")
         for key in (ALPHA, BETA):
             proxy.fake.answerNext(429, body, headers, key=key.token, times=None)
-        response = await proxy.request(
+        proxy.respond(
             "POST",
             CHAT + "?trace=1",
             headers={"Content-Type": "application/json", "X-Title": "retry test"},
             data=chatBody(temperature=0.5),
         )
-        await response.content()
         attempts = proxy.fake.received
         self.assertGreaterEqual(len(attempts), 1)
         for attempt in attempts:
@@ -151,128 +165,143 @@ class FailoverTests(TestCase):
         self.assertEqual(len({a.key for a in attempts}), len(attempts))
 
 
-class NoRetryTests(TestCase):
+class NoRetryTests(SynchronousTestCase):
     """
     Answers that another key would not change go to the client as they are.
     """
 
-    async def assertPassedThrough(self, proxy, status):
-        response = await proxy.chat()
-        body = json.loads(await response.content())
+    def assertPassedThrough(self, proxy, status):
+        response, raw = proxy.chatted()
+        body = json.loads(raw)
         self.assertEqual(response.code, status)
         self.assertEqual(body["error"]["code"], status)
         self.assertEqual(len(proxy.fake.received), 1)
         self.assertIsNone(response.headers.getRawHeaders("X-Hermux-Error"))
         return response
 
-    async def test_badRequest(self):
+    def test_badRequest(self):
         """
         A 400 is the request's fault: retrying would burn every account's
         quota.
         """
-        proxy = Proxy(self)
+        proxy = MemoryProxy(self)
         proxy.fake.answerNext(400, {"error": {"code": 400, "message": "bad"}}, times=None)
-        await self.assertPassedThrough(proxy, 400)
+        self.assertPassedThrough(proxy, 400)
         self.assertEqual({s.state for s in proxy.pool.statuses()}, {State.READY})
 
-    async def test_serverError(self):
-        proxy = Proxy(self)
+    def test_serverError(self):
+        proxy = MemoryProxy(self)
         proxy.fake.answerNext(502, {"error": {"code": 502, "message": "model down"}}, times=None)
-        await self.assertPassedThrough(proxy, 502)
+        self.assertPassedThrough(proxy, 502)
 
-    async def test_sharedCapacity(self):
+    def test_sharedCapacity(self):
         """
         A busy model is busy for every key: no retry, no penalty.
         """
-        proxy = Proxy(self)
+        proxy = MemoryProxy(self)
         body, headers = rateLimit("shared")
         proxy.fake.answerNext(429, body, headers, times=None)
-        response = await self.assertPassedThrough(proxy, 429)
+        response = self.assertPassedThrough(proxy, 429)
         [name] = response.headers.getRawHeaders("X-Token-Name")
         states = {s.name: s for s in proxy.pool.statuses()}
         self.assertEqual(states[name].state, State.READY)
         self.assertEqual(states[name].rateLimitedToday, 1)
 
-    async def test_moderation(self):
+    def test_moderation(self):
         """
         A 403 for flagged input is the input's fault, not the key's.
         """
-        proxy = Proxy(self)
+        proxy = MemoryProxy(self)
         proxy.fake.answerNext(
             403,
             {"error": {"code": 403, "message": "Input flagged", "metadata": {"reasons": ["x"], "flagged_input": "..."}}},
             times=None,
         )
-        await self.assertPassedThrough(proxy, 403)
+        self.assertPassedThrough(proxy, 403)
         self.assertEqual({s.state for s in proxy.pool.statuses()}, {State.READY})
 
 
-class ExhaustionTests(TestCase):
-    async def test_everyKeyExhausted(self):
+class ExhaustionTests(SynchronousTestCase):
+    def test_everyKeyExhausted(self):
         """
         When no key is left, hermux answers 429 itself, with Retry-After
-        until the first key is usable, and asks the upstream nothing more.
+        until the first key is usable (here the next midnight UTC), and asks
+        the upstream nothing more.
         """
-        proxy = Proxy(self)
+        proxy = MemoryProxy(self)
         body, headers = rateLimit("day")
         proxy.fake.answerNext(429, body, headers, times=None)
-        response = await proxy.chat()
-        answer = json.loads(await response.content())
+        response, raw = proxy.chatted()
+        answer = json.loads(raw)
         self.assertEqual(response.code, 429)
         self.assertEqual(answer["error"]["code"], 429)
         self.assertEqual(response.headers.getRawHeaders("X-Hermux-Error"), ["429"])
-        untilMidnight = nextMidnight(reactor.seconds()) - reactor.seconds()
-        [retryAfter] = response.headers.getRawHeaders("Retry-After")
-        self.assertLessEqual(abs(int(retryAfter) - math.ceil(untilMidnight)), 2)
+        untilMidnight = nextMidnight(NOW) - NOW
+        self.assertEqual(
+            response.headers.getRawHeaders("Retry-After"), [str(math.ceil(untilMidnight))]
+        )
         self.assertEqual(attemptsBy(proxy), {"alpha": 1, "beta": 1, "gamma": 1})
-        response = await proxy.chat()
-        await response.content()
+        response, _ = proxy.chatted()
         self.assertEqual(response.code, 429)
         self.assertEqual(len(proxy.fake.received), 3)
 
-    async def test_earliestKeyDecides(self):
-        proxy = Proxy(self)
+    def test_earliestKeyDecides(self):
+        proxy = MemoryProxy(self)
         day, _ = rateLimit("day")
         minute, headers = rateLimit("minute", resetIn=42, inHeader=True)
         proxy.fake.answerNext(429, day, key=ALPHA.token, times=None)
         proxy.fake.answerNext(429, day, key=BETA.token, times=None)
         proxy.fake.answerNext(429, minute, headers, key=GAMMA.token, times=None)
-        response = await proxy.chat()
-        await response.content()
+        response, _ = proxy.chatted()
         self.assertEqual(response.code, 429)
-        self.assertLessEqual(abs(int(response.headers.getRawHeaders("Retry-After")[0]) - 42), 2)
+        self.assertEqual(response.headers.getRawHeaders("Retry-After"), ["42"])
 
-    async def test_everyKeyRefused(self):
+    def test_retryAfterCountsDown(self):
+        """
+        Retry-After is the seconds left until the first key is usable,
+        rounded up to a whole second; at that moment the key serves.
+        """
+        proxy = MemoryProxy(self)
+        minute, headers = rateLimit("minute", resetIn=42, inHeader=True)
+        proxy.fake.answerNext(429, minute, headers, times=3)
+        self.assertEqual(proxy.chatted()[0].code, 429)
+        for passed, retryAfter in ((10.5, "32"), (31, "1"), (0.25, "1")):
+            proxy.advance(passed)
+            response, _ = proxy.chatted()
+            self.assertEqual(response.headers.getRawHeaders("Retry-After"), [retryAfter])
+        proxy.advance(0.25)
+        self.assertEqual(proxy.chatted()[0].code, 200)
+        self.assertEqual(len(proxy.fake.received), 4)
+
+    def test_everyKeyRefused(self):
         """
         When every key is refused for good, waiting will not help: 503.
         """
-        proxy = Proxy(self)
+        proxy = MemoryProxy(self)
         proxy.fake.answerNext(401, {"error": {"code": 401, "message": "User not found."}}, times=None)
-        response = await proxy.chat()
-        answer = json.loads(await response.content())
+        response, raw = proxy.chatted()
+        answer = json.loads(raw)
         self.assertEqual(response.code, 503)
         self.assertIn("tokens.csv", answer["error"]["message"])
         self.assertIsNone(response.headers.getRawHeaders("Retry-After"))
 
 
-class KeysResourceTests(TestCase):
-    async def test_needsAToken(self):
-        proxy = Proxy(self)
-        response = await proxy.request("GET", "/hermux/keys", token=None)
+class KeysResourceTests(SynchronousTestCase):
+    def test_needsAToken(self):
+        proxy = MemoryProxy(self)
+        response, _ = proxy.respond("GET", "/hermux/keys", token=None)
         self.assertEqual(response.code, 401)
-        await response.content()
 
-    async def test_describesEveryKey(self):
+    def test_describesEveryKey(self):
         """
         /hermux/keys shows each key's name, state and counts, and never a
         key's token.
         """
-        proxy = Proxy(self)
+        proxy = MemoryProxy(self)
         proxy.fake.answerNext(401, {"error": {"code": 401, "message": "User not found."}}, key=ALPHA.token, times=None)
         for _ in range(4):
-            await (await proxy.chat()).content()
-        response = await proxy.request("GET", "/hermux/keys")
-        raw = await response.content()
+            proxy.chatted()
+        response, raw = proxy.respond("GET", "/hermux/keys")
         keys = {key["name"]: key for key in json.loads(raw)["keys"]}
         self.assertEqual(set(keys), {"alpha", "beta", "gamma"})
         self.assertEqual(keys["alpha"]["state"], "disabled")
@@ -290,22 +319,19 @@ class KeysResourceTests(TestCase):
         for key in KEYS:
             self.assertNotIn(key.token.encode(), raw)
 
-
-    async def test_guessingIsThrottledHereToo(self):
+    def test_guessingIsThrottledHereToo(self):
         """
         Failed access tokens sent to hermux's own pages count like those sent
         to /api, and throttle the address everywhere.
         """
-        proxy = Proxy(self, authFailures=3)
+        proxy = MemoryProxy(self, authFailures=3)
         for path in ("/hermux/keys", "/hermux/metrics", "/hermux/keys"):
-            response = await proxy.request("GET", path, token="guess")
+            response, _ = proxy.respond("GET", path, token="guess")
             self.assertEqual(response.code, 401)
-            await response.content()
         for path in ("/hermux/keys", "/hermux/metrics", "/api/v1/models"):
-            response = await proxy.request("GET", path)
+            response, _ = proxy.respond("GET", path)
             self.assertEqual(response.code, 429, path)
             self.assertTrue(response.headers.getRawHeaders("Retry-After"))
-            await response.content()
         self.assertEqual(proxy.fake.received, [])
 
 
@@ -313,39 +339,41 @@ class LedgerContinuityTests(TestCase):
     async def test_countsSurviveARestart(self):
         """
         Counts written by one hermux are where the next one starts from.
+        The ledger writes with a thread of its own, whose answers come
+        through the real reactor.
         """
         path = os.path.abspath(self.mktemp())
         ledger = SQLiteLedger(path)
         ledger.startService()
-        proxy = Proxy(self, ledger=ledger)
+        proxy = MemoryProxy(self, ledger=ledger)
         for _ in range(5):
-            await (await proxy.chat()).content()
+            proxy.chatted()
         before = proxy.pool.requestCounts()
         await ledger.stopService()
-        restarted = KeyPool(KEYS, ledger=SQLiteLedger(path))
+        restarted = KeyPool(KEYS, ledger=SQLiteLedger(path), reactor=proxy.clock)
         self.assertEqual(restarted.requestCounts(), before)
         self.assertEqual(sum(before.values()), 5)
         from hermux.access import clientLabel
 
         self.assertEqual(
-            SQLiteLedger(path).clientUsage(dayOf(reactor.seconds())),
+            SQLiteLedger(path).clientUsage(dayOf(NOW)),
             {clientLabel(ACCESS_TOKEN): 5},
         )
 
 
-class ProbeTests(TestCase):
-    async def test_probeSeedsThePool(self):
+class ProbeTests(SynchronousTestCase):
+    def test_probeSeedsThePool(self):
         """
         --probe-keys takes each key's used requests and daily limit from
         GET /api/v1/key, and disables keys the upstream refuses.
         """
-        proxy = Proxy(self)
+        proxy = MemoryProxy(self)
         proxy.fake.keys = frozenset({ALPHA.token, BETA.token})
         proxy.fake.usedToday[ALPHA.token] = 12
         proxy.fake.dailyLimit = 1000
         probe = KeyProbe(proxy.pool, proxy.upstream)
         probe.startService()
-        await probe.done
+        proxy.resultOf(probe.done)
         states = {s.name: s for s in proxy.pool.statuses()}
         self.assertEqual((states["alpha"].requestsToday, states["alpha"].dailyLimit), (12, 1000))
         self.assertEqual((states["beta"].requestsToday, states["beta"].dailyLimit), (0, 1000))
