@@ -56,6 +56,7 @@ __all__ = [
     "MemoryProxy",
     "MemoryTransport",
     "RawClient",
+    "ScriptedUpstream",
 ]
 
 # 2027-01-15T08:20:34.5Z: a time of day well away from midnight UTC.
@@ -539,3 +540,40 @@ class MemoryProxy:
         hermux's open connections to the upstream.
         """
         return [c for c in self.network.connections if c.server.getHost().port == UPSTREAM_PORT]
+
+
+class ScriptedUpstream(Factory):
+    """
+    An upstream that answers each request, once its head has arrived, with
+    exactly the bytes of C{answer}, and then closes the connection if
+    C{close}: for answers a real server would not give.
+
+    @ivar received: what each connection received, in order of connection.
+    """
+
+    def __init__(self, answer: bytes, *, close: bool = True):
+        self.answer = answer
+        self.close = close
+        self.received: list[bytes] = []
+
+    def buildProtocol(self, addr):
+        protocol = _Scripted()
+        protocol.factory = self
+        return protocol
+
+
+class _Scripted(Protocol):
+    _answered = False
+
+    def connectionMade(self):
+        self._index = len(self.factory.received)
+        self.factory.received.append(b"")
+
+    def dataReceived(self, data):
+        received = self.factory.received[self._index] + data
+        self.factory.received[self._index] = received
+        if not self._answered and b"\r\n\r\n" in received:
+            self._answered = True
+            self.transport.write(self.factory.answer)
+            if self.factory.close:
+                self.transport.loseConnection()
