@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_site,tests.test_hostile_client -*-
 """
 The connection to a client: stricter than Twisted's about what it accepts
 (see L{HermuxChannel}), counted and bounded by its site, and answering every
@@ -9,9 +10,11 @@ from __future__ import annotations
 import re
 
 from twisted.logger import Logger
-from twisted.web import http
 
+from hermux._twistedinternals import HTTPChannelHooks
 from hermux.errors import errorBody, reasonPhrase
+
+__all__ = ["MAX_HEAD_BYTES", "MAX_HEADERS", "HermuxChannel", "peerText"]
 
 # The request line and header section together, and the number of header
 # lines: the limits of nginx's default large_client_header_buffers and
@@ -34,7 +37,7 @@ def peerText(address) -> str:
     return getattr(address, "name", None) or str(address)
 
 
-class HermuxChannel(http.HTTPChannel):
+class HermuxChannel(HTTPChannelHooks):
     """
     An HTTP connection that tells its site when it opens and closes, and
     that is stricter than Twisted's about what it accepts:
@@ -54,7 +57,8 @@ class HermuxChannel(http.HTTPChannel):
         that stops reading cannot hold it open.
     """
 
-    _log = Logger()
+    # Not _log: that is HTTPChannel's own, which its messages go through.
+    _refusalLog = Logger()
 
     maxHeaders = MAX_HEADERS
     totalHeadersSize = MAX_HEAD_BYTES
@@ -68,6 +72,9 @@ class HermuxChannel(http.HTTPChannel):
     _headBytes = 0
     _headLines = 0
     _deadline = None
+    # Between a request's last byte and its answer's: bytes that arrive
+    # meanwhile are the next request's, which Twisted holds until then.
+    _answering = False
 
     def connectionMade(self):
         super().connectionMade()
@@ -92,7 +99,7 @@ class HermuxChannel(http.HTTPChannel):
             return
         if (
             self._deadline is None
-            and not self._handlingRequest
+            and not self._answering
             and data.strip(b"\r\n")
             and self.site.timeOut
         ):
@@ -148,13 +155,21 @@ class HermuxChannel(http.HTTPChannel):
         if self.refused:
             return
         self._stopDeadline()
+        self._answering = True
         super().allContentReceived()
 
-    def _send100Continue(self):
-        if not self.refused:
-            super()._send100Continue()
+    def requestDone(self, request):
+        if self.persistent:
+            # Twisted now hands over the next request's bytes it held,
+            # which start that request's deadline.
+            self._answering = False
+        super().requestDone(request)
 
-    def _respondToBadRequestAndDisconnect(self):
+    def sendContinue(self):
+        if not self.refused:
+            super().sendContinue()
+
+    def requestMalformed(self):
         # Twisted's own parser found the request malformed: a bad request
         # line, header name or chunk size, or ambiguous framing (both
         # Content-Length and Transfer-Encoding, or either twice).
@@ -201,7 +216,7 @@ class HermuxChannel(http.HTTPChannel):
         ]
         head.extend(b"%s: %s\r\n" % (name, value) for name, value in headers)
         self.transport.writeSequence(head + [b"\r\n", body])
-        self._log.info(
+        self._refusalLog.info(
             "refused a request from {peer} with {status}: {reason}",
             peer=peerText(self.transport.getPeer()),
             status=code,
@@ -211,5 +226,4 @@ class HermuxChannel(http.HTTPChannel):
 
     def loseConnection(self):
         super().loseConnection()
-        if self._abortingCall is None and self.abortTimeout is not None:
-            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.abortLater()

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_upstream,tests.test_hostile_upstream -*-
 """
 The upstream: where hermux sends requests, and the one HTTP agent that
 reaches it over persistent, verified connections.
@@ -13,17 +14,21 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate
-from twisted.web.client import (
-    URI,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    _HTTP11ClientFactory,
-)
-from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol, ParseError, Request
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
+
+from hermux._twistedinternals import HeadCheckingClientProtocol, clientRequest, connectPoolWith
+
+__all__ = [
+    "MAX_UPSTREAM_HEAD_BYTES",
+    "Upstream",
+    "connectToUpstream",
+    "loadTrustRoot",
+    "parseUpstreamURL",
+]
 
 # The most of a response head hermux reads from the upstream: nginx's
 # default for a proxied response head is 4 or 8 KiB.
@@ -126,52 +131,6 @@ class Upstream(Service):
         return self.agent.request(method, self.base + target, headers, bodyProducer)
 
 
-class _StrictClientProtocol(HTTP11ClientProtocol):
-    """
-    Twisted's HTTP/1.1 client, stricter about response heads: a status line
-    that could not be relayed as it is, a NUL in a header, or a head larger
-    than L{MAX_UPSTREAM_HEAD_BYTES} (which Twisted would buffer without
-    limit), fails the request as an invalid response.
-    """
-
-    def request(self, request):
-        result = super().request(request)
-        if self._parser is not None:
-            _guardParser(self._parser)
-        return result
-
-
-def _guardParser(parser) -> None:
-    seen = 0
-    statusReceived = parser.statusReceived
-    lineReceived = parser.lineReceived
-
-    def checkedStatusReceived(status):
-        if not _STATUS_LINE.fullmatch(status):
-            raise ParseError("invalid status line", status)
-        statusReceived(status)
-
-    def countedLineReceived(line):
-        nonlocal seen
-        if parser.state in (STATUS, HEADER):
-            seen += len(line) + 1
-            if seen > MAX_UPSTREAM_HEAD_BYTES:
-                raise ParseError("response head too large", line[:64])
-            if b"\x00" in line:
-                # RFC 9110 section 5.5: reject it or replace it; Twisted
-                # would relay it to the client.
-                raise ParseError("NUL in the response head", line[:64])
-        lineReceived(line)
-        if parser.state not in (STATUS, HEADER):
-            # The head is over: let the parser's own methods back, so that
-            # it and these functions do not hold each other until the
-            # cyclic garbage collector runs.
-            del parser.statusReceived, parser.lineReceived
-
-    parser.statusReceived = checkedStatusReceived
-    parser.lineReceived = countedLineReceived
-
-
 @implementer(IAgentEndpointFactory)
 class _UpstreamEndpoints:
     """
@@ -213,9 +172,13 @@ class _UpstreamAgent:
     and finds its endpoint and connection-pool key; hermux sends every
     request to one origin, so this agent works those out once per origin
     and sends the rest of the URI as the target.  It shares Agent's pool
-    (L{HTTPConnectionPool}), connections and client protocol; a method or
-    target that cannot be sent fails the request before any connection is
-    asked for.
+    (L{HTTPConnectionPool}), connections and client protocol, and builds
+    the request Agent would (L{clientRequest}); a method or target that
+    cannot be sent fails the request before any connection is asked for.
+
+    L{Agent.usingEndpointFactory}, even with an endpoint factory that makes
+    each origin's endpoint once, costs 5.6% more instructions per relayed
+    request (callgrind: 1.764 M against 1.670 M).
     """
 
     def __init__(self, pool: HTTPConnectionPool, endpoints: IAgentEndpointFactory):
@@ -243,24 +206,12 @@ class _UpstreamAgent:
             headers = headers.copy()
             headers.addRawHeader(b"Host", host)
         try:
-            request = Request(method, target, headers, bodyProducer, persistent=self._pool.persistent)
+            request = clientRequest(method, target, headers, bodyProducer, self._pool.persistent)
         except ValueError:
             return fail()
         return self._pool.getConnection(key, endpoint).addCallback(
             lambda protocol: protocol.request(request)
         )
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """
-    The pool's connection factory, without a log line for every upstream
-    connection it opens and closes, and with the guarded client protocol.
-    """
-
-    noisy = False
-
-    def buildProtocol(self, addr):
-        return _StrictClientProtocol(self._quiescentCallback)
 
 
 def connectToUpstream(
@@ -275,10 +226,23 @@ def connectToUpstream(
     An L{Upstream} whose agent keeps connections alive and verifies TLS
     certificates, against C{trustRoot} if given and the system's trust store
     otherwise.  Verification is never turned off.
+
+    A response head that could not be relayed as it is fails the request as
+    an invalid response: a status line other than C{HTTP/1.x}, a status of
+    three digits from 100 to 599 and a reason phrase of visible characters;
+    a NUL anywhere (RFC 9110 section 5.5: reject it or replace it; Twisted
+    would relay it); or more than L{MAX_UPSTREAM_HEAD_BYTES} of it, which
+    Twisted would buffer without limit.  No connection it opens or closes is
+    logged.
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = maxIdleConnections
-    pool._factory = _QuietClientFactory
+    connectPoolWith(
+        pool,
+        lambda quiescentCallback: HeadCheckingClientProtocol(
+            quiescentCallback, MAX_UPSTREAM_HEAD_BYTES, _STATUS_LINE
+        ),
+    )
     endpoints = _UpstreamEndpoints(
         reactor, BrowserLikePolicyForHTTPS(trustRoot=trustRoot), connectTimeout
     )
