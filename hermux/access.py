@@ -1,9 +1,12 @@
+# -*- test-case-name: tests.test_access -*-
 """
 Access control: which clients may use hermux, by the secret access token they
 send in their C{Authorization} header.
 """
 
 from __future__ import annotations
+
+__all__ = ["AccessList", "AuthThrottle", "Client", "Lookup", "clientLabel", "presentedToken"]
 
 import hashlib
 import math
@@ -22,6 +25,18 @@ class Client:
     """
 
     label: str
+
+
+@attr.frozen
+class Lookup:
+    """
+    The client an C{Authorization} header value names (L{None} for none),
+    as one version of an L{AccessList} found it: while the list is not
+    replaced, the answer stands, and the token need not be hashed again.
+    """
+
+    client: Client | None
+    _version: object = attr.field(eq=False, repr=False)
 
 
 def _digest(token: bytes) -> bytes:
@@ -90,6 +105,15 @@ class AccessList:
         if token is None:
             return None
         return self._clients.get(_digest(token))
+
+    def lookup(self, authorization: bytes | None, earlier: Lookup | None = None) -> Lookup:
+        """
+        L{authorize} C{authorization}, unless C{earlier} is this list's own
+        answer for it, made since the list was last replaced: then that.
+        """
+        if earlier is not None and earlier._version is self._clients:
+            return earlier
+        return Lookup(self.authorize(authorization), self._clients)
 
 
 class AuthThrottle:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_operations,tests.test_site -*-
 """
 hermux's Prometheus metrics, served at C{/hermux/metrics} to clients with an
 access token.  Labels name keys, never their tokens.
@@ -5,11 +6,14 @@ access token.  Labels name keys, never their tokens.
 
 from __future__ import annotations
 
+__all__ = ["TTFB_BUCKETS", "Metrics", "statusClass"]
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
 from hermux.keypool import KeyPool, State
+from hermux.record import RequestRecord
 
 # Time to first byte from OpenRouter ranges from milliseconds (an error) to
 # a minute (a long reasoning model).
@@ -99,8 +103,12 @@ class Metrics:
         """
         self.registry.register(_KeyCollector(pool))
 
-    def requestDone(self, keyName: str | None, status, bodyBytes: int) -> None:
-        self.requests.labels(keyName or "none", statusClass(status)).inc()
+    def requestDone(self, record: RequestRecord, status, bodyBytes: int) -> None:
+        """
+        Count a request that is over, from its record, the status it was
+        answered with (see L{statusClass}) and the body bytes it was sent.
+        """
+        self.requests.labels(record.keyName or "none", statusClass(status)).inc()
         self.relayedBytes.inc(bodyBytes)
 
     def reloaded(self, succeeded: bool) -> None:

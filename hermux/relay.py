@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_relay,tests.test_record,tests.test_failover -*-
 """
 The relay: forwards one client request upstream with a chosen key and
 streams the answer back as it arrives.
@@ -10,9 +11,14 @@ aborts the upstream request.
 An answer that says the key cannot serve (see L{hermux.quota}) is read
 whole, and the request is sent again with another key, while nothing has
 reached the client yet.
+
+The relay serves any twisted.web request, and notes in its record (see
+L{hermux.record}) the key that served it and how the exchange ended.
 """
 
 from __future__ import annotations
+
+__all__ = ["BufferedBody", "Relay"]
 
 import math
 from typing import Callable
@@ -39,6 +45,7 @@ from hermux.hygiene import copyResponseHeaders, upstreamHeaders
 from hermux.keypool import ERROR, KeyPool, NoKeyAvailable
 from hermux.metrics import Metrics
 from hermux.quota import KEY_STATUSES, classify
+from hermux.record import recordOf
 from hermux.upstream import Upstream
 
 
@@ -272,13 +279,15 @@ class _Exchange:
     def __init__(self, relay: Relay, request, target: bytes):
         self._relay = relay
         self._request = request
+        self._record = recordOf(request)
         self._target = target
         self._clientGone = False
         self._watchdog: _Watchdog | None = None
 
     def clientWentAway(self, reason, running: Deferred) -> None:
+        # The request's own end says so in its record (see
+        # HermuxRequest._over); here the exchange only stops.
         self._clientGone = True
-        self._request.outcome = "client went away"
         running.cancel()
 
     async def run(self) -> None:
@@ -302,7 +311,7 @@ class _Exchange:
             self._noKeyAvailable(e.usableAt)
             return False
         tried.add(key.name)
-        self._request.keyName = key.name
+        self._record.keyName = key.name
         if self._watchdog is not None:
             self._watchdog.stop()
         self._watchdog = _Watchdog(self._relay.reactor, self._relay.idleTimeout)
@@ -335,7 +344,7 @@ class _Exchange:
         self._relay.metrics.retries.labels(verdict.kind.value).inc()
         self._log.info(
             "{requestId} {method} {path}: key {key} cannot serve ({reason}); trying another",
-            requestId=self._request.requestId,
+            requestId=self._record.requestId,
             method=self._request.method.decode("ascii", "replace"),
             path=self._request.path.decode("ascii", "replace"),
             key=key.name,
@@ -349,7 +358,7 @@ class _Exchange:
     def _noKeyAvailable(self, usableAt: float | None) -> None:
         request = self._request
         if usableAt is None:
-            request.outcome = "no usable key"
+            self._record.outcome = "no usable key"
             writeError(
                 request,
                 503,
@@ -358,7 +367,7 @@ class _Exchange:
             )
             return
         wait = max(1, math.ceil(usableAt - self._now()))
-        request.outcome = "every key rate limited or exhausted"
+        self._record.outcome = "every key rate limited or exhausted"
         request.setHeader(b"Retry-After", b"%d" % (wait,))
         writeError(
             request,
@@ -397,7 +406,7 @@ class _Exchange:
         return response
 
     def _answerError(self, key: Key, code: int, message: str) -> None:
-        self._request.outcome = message
+        self._record.outcome = message
         self._request.setHeader(b"X-Token-Name", key.name.encode("ascii"))
         writeError(self._request, code, message)
 
@@ -452,7 +461,7 @@ class _Exchange:
             # The upstream broke or stalled mid-body.  Close the client's
             # connection without a clean end, so that it sees a truncated
             # response rather than a complete-looking one.
-            request.outcome = (
+            self._record.outcome = (
                 "upstream stalled; response cut"
                 if self._watchdog.fired
                 else "upstream broke mid-body; response cut"
@@ -477,7 +486,7 @@ class _Exchange:
             failure,
             method=request.method.decode("ascii", "replace"),
         )
-        request.outcome = "internal error"
+        self._record.outcome = "internal error"
         if request.startedWriting:
             request.loseConnection()
         else:

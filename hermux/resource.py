@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_resource,tests.test_site,tests.test_record -*-
 """
 hermux's resource tree, which authenticates and routes each request.
 
@@ -8,6 +9,17 @@ hermux's resource tree, which authenticates and routes each request.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "FORWARDED_METHODS",
+    "Forward",
+    "Gate",
+    "Health",
+    "Keys",
+    "MetricsPage",
+    "Refusal",
+    "buildRoot",
+]
 
 import json
 
@@ -22,6 +34,7 @@ from hermux.hygiene import BadTarget, upstreamTarget
 from hermux.keypool import KeyPool, KeyStatus, isoTime
 from hermux.ledger import ILedger
 from hermux.metrics import Metrics
+from hermux.record import recordOf
 from hermux.relay import Relay
 
 _NOT_FOUND = ErrorResource(
@@ -74,7 +87,9 @@ class Gate:
 
     def admit(self, request) -> Client:
         """
-        The client C{request} comes from.
+        The client C{request} comes from, also noted in its record.  Its
+        token is hashed only if the site has not looked it up already (see
+        L{hermux.site.HermuxSite.wantsBody}).
 
         @raise Refusal: if it may not come in.
         """
@@ -93,7 +108,11 @@ class Gate:
         authorization = request.requestHeaders.getRawHeaders(b"authorization", [])
         if len(authorization) > 1:
             raise Refusal(renderError(request, 400, "more than one Authorization header"))
-        client = self.access.authorize(authorization[0] if authorization else None)
+        record = recordOf(request)
+        record.tokenLookup = lookup = self.access.lookup(
+            authorization[0] if authorization else None, record.tokenLookup
+        )
+        client = lookup.client
         if client is None:
             if self.throttle is not None and self.throttle.failed(peer):
                 self._log.warn(
@@ -104,7 +123,7 @@ class Gate:
                 )
             request.setHeader(b"WWW-Authenticate", b"Bearer")
             raise Refusal(renderError(request, 401, "missing or unknown access token"))
-        request.clientLabel = client.label
+        record.client = client
         return client
 
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_site,tests.test_operations -*-
 """
 The site that serves hermux's resource tree: its requests bound what they
 buffer, carry a request id and log one line each; its connections (see
@@ -5,6 +6,8 @@ L{hermux.channel}) are counted, bounded, and drained when hermux stops.
 """
 
 from __future__ import annotations
+
+__all__ = ["HermuxRequest", "HermuxSite", "ensureFileLimit"]
 
 import random
 import re
@@ -16,8 +19,9 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from hermux.channel import HermuxChannel, peerText
+from hermux.channel import HermuxChannel
 from hermux.metrics import Metrics
+from hermux.record import RequestRecord, recordOf, statusOf
 from hermux.requestlog import IRequestLog, RequestLogEvents
 
 # A request id a client may choose: short, and safe in a log line or header.
@@ -35,20 +39,19 @@ class HermuxRequest(server.Request):
     and that logs one line when it is over, however it ended, to the
     site's C{requestLog}.
 
-    The resources annotate it for that line: C{clientLabel} and C{keyName}
-    once known, C{outcome} when the exchange ended other than normally.
-
-    @ivar requestId: the client's C{X-Request-Id} if it sent a sane one, a
-        new random one otherwise; sent back in C{X-Request-Id} and logged.
+    @ivar hermuxRecord: what the resources and the relay learn about the
+        request, for that line and the metrics (read it with
+        L{hermux.record.recordOf}).  Its request id is the client's
+        C{X-Request-Id} if it sent a sane one, a new random one otherwise,
+        and is sent back in C{X-Request-Id}.
     """
 
-    clientLabel: str | None = None
-    keyName: str | None = None
-    outcome: str | None = None
-    requestId: str = "-"
     discardBody = False
     _bodyBytes = 0
-    _started = 0.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hermuxRecord = RequestRecord()
 
     def gotLength(self, length):
         # Bodies stay in memory: they are bounded by maxBody, and a
@@ -78,11 +81,12 @@ class HermuxRequest(server.Request):
 
     def process(self):
         site = self.channel.site
-        self._started = site.reactor.seconds()
+        record = self.hermuxRecord
+        record.started = site.reactor.seconds()
         requestId = self.getHeader(b"x-request-id")
         if requestId is None or not _CLIENT_REQUEST_ID.fullmatch(requestId):
             requestId = b"%016x" % (_requestIds.getrandbits(64),)
-        self.requestId = requestId.decode("ascii")
+        record.requestId = requestId.decode("ascii")
         self.setHeader(b"X-Request-Id", requestId)
         site.metrics.inFlight.inc()
         self.notifyFinish().addBoth(self._over)
@@ -97,26 +101,15 @@ class HermuxRequest(server.Request):
         super().write(data)
 
     def _over(self, result):
-        status = self.code if self.startedWriting else "-"
-        if self.outcome is None and not self.finished:
-            self.outcome = "client went away"
-        self.site.metrics.inFlight.dec()
-        self.site.metrics.requestDone(self.keyName, status, self.sentLength)
-        self.site.requestLog.record(
-            {
-                "requestId": self.requestId,
-                "method": self.method.decode("ascii", "replace"),
-                "path": self.path.decode("ascii", "replace"),
-                "status": status,
-                "key": self.keyName or "-",
-                "client": self.clientLabel or "-",
-                "bytes": self.sentLength,
-                "duration": self.site.reactor.seconds() - self._started,
-                "peer": peerText(self.getClientAddress()),
-                "outcome": self.outcome or "complete",
-                "outcomeNote": f" ({self.outcome})" if self.outcome else "",
-            }
-        )
+        record = self.hermuxRecord
+        # Whoever ended the request otherwise has said how; a request that
+        # is over unfinished, without a word, lost its client.
+        if record.outcome is None and not self.finished:
+            record.outcome = "client went away"
+        site = self.site
+        site.metrics.inFlight.dec()
+        site.metrics.requestDone(record, statusOf(self), self.sentLength)
+        site.requestLog.record(record.logFields(self, site.reactor.seconds()))
 
 
 class HermuxSite(server.Site):
@@ -171,12 +164,18 @@ class HermuxSite(server.Site):
         Whether to keep the body of C{request}, whose head has arrived: only
         a request with a valid access token can be forwarded, so another's
         body is read and dropped, and cannot make hermux hold C{maxBody}
-        bytes per connection for a client without a token.
+        bytes per connection for a client without a token.  The answer goes
+        into the request's record, for the gate (L{hermux.resource.Gate}).
         """
         if self._access is None:
             return True
-        values = request.requestHeaders.getRawHeaders(b"authorization", [])
-        return len(values) == 1 and self._access.authorize(values[0]) is not None
+        values = request.requestHeaders.getRawHeaders(b"authorization", ())
+        if len(values) != 1:
+            return False
+        # The gate finds the answer on the record, and need not hash again.
+        record = recordOf(request)
+        record.tokenLookup = lookup = self._access.lookup(values[0], record.tokenLookup)
+        return lookup.client is not None
 
     def log(self, request):
         pass

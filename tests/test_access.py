@@ -9,6 +9,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from hermux import access as access_module
 from hermux.access import AccessList, AuthThrottle, Client, clientLabel, presentedToken
 
 TOKEN_A = "hx-ACCESS-alpha-5e1c77"
@@ -154,6 +155,63 @@ class AuthorizeTests(SynchronousTestCase):
         The length of the list is the number of tokens.
         """
         self.assertEqual(len(self.access), 2)
+
+
+class LookupTests(SynchronousTestCase):
+    """
+    Tests for L{AccessList.lookup}.
+    """
+
+    def setUp(self):
+        self.access = AccessList([TOKEN_A, TOKEN_B])
+        self.digested: list[bytes] = []
+        real = access_module._digest
+
+        def digest(token):
+            self.digested.append(token)
+            return real(token)
+
+        self.patch(access_module, "_digest", digest)
+
+    def test_asAuthorize(self):
+        """
+        A first lookup answers what L{AccessList.authorize} answers.
+        """
+        for value in (b"Bearer " + TOKEN_A.encode(), TOKEN_B.encode(), b"Bearer wrong", b"", None):
+            self.assertEqual(self.access.lookup(value).client, self.access.authorize(value), value)
+
+    def test_earlierAnswerStands(self):
+        """
+        Given its own earlier answer, the list gives it again without
+        hashing the token again, whether it named a client or not.
+        """
+        for value in (b"Bearer " + TOKEN_A.encode(), b"Bearer wrong"):
+            del self.digested[:]
+            earlier = self.access.lookup(value)
+            self.assertIs(self.access.lookup(value, earlier), earlier)
+            self.assertEqual(len(self.digested), 1)
+
+    def test_replacedListLooksAgain(self):
+        """
+        Once the list is replaced, an earlier answer no longer stands.
+        """
+        value = b"Bearer " + TOKEN_A.encode()
+        earlier = self.access.lookup(value)
+        self.access.replace([TOKEN_B])
+        self.assertIsNone(self.access.lookup(value, earlier).client)
+        self.access.replace([TOKEN_A])
+        self.assertEqual(self.access.lookup(value, earlier).client, Client(clientLabel(TOKEN_A)))
+
+    def test_anotherListLooksAgain(self):
+        """
+        An answer of another access list does not stand for this one.
+        """
+        value = b"Bearer " + TOKEN_A.encode()
+        earlier = AccessList([TOKEN_B]).lookup(value)
+        self.assertEqual(self.access.lookup(value, earlier).client, Client(clientLabel(TOKEN_A)))
+
+    def test_lookupHidesToken(self):
+        self.assertNotIn(TOKEN_A, repr(self.access.lookup(TOKEN_A.encode())))
 
 
 class PresentedTokenTests(SynchronousTestCase):

@@ -19,6 +19,7 @@ from hermux.access import clientLabel
 from hermux.keypool import KeyPool, dayOf
 from hermux.ledger import MemoryLedger
 from twisted.internet.task import Clock
+from hermux.record import recordOf
 from hermux.resource import buildRoot
 
 KEYS = (
@@ -51,7 +52,7 @@ class _StubRelay:
         self.calls = []
 
     def forward(self, request, target):
-        self.calls.append((target, request.clientLabel))
+        self.calls.append((target, recordOf(request).client.label))
         request.write(RELAYED)
         request.finish()
         return succeed(None)

@@ -24,6 +24,7 @@ from hermux.config import Key
 from hermux.keypool import KeyPool
 from hermux.relay import Relay
 from hermux.resource import buildRoot
+from hermux import access as access_module
 from hermux import site as site_module
 from hermux.channel import MAX_HEAD_BYTES, MAX_HEADERS, HermuxChannel
 from hermux.site import HermuxSite, ensureFileLimit
@@ -283,6 +284,59 @@ class BodyTests(ChannelTestCase):
         consumer = StringTransport()
         body.startProducing(consumer)
         self.assertEqual(consumer.value(), b"hello")
+
+
+class TokenLookupTests(ChannelTestCase):
+    """
+    The access token is looked up once per request: when the head arrives,
+    to know whether to keep the body; the gate uses that answer.
+    """
+
+    def countDigests(self) -> list[bytes]:
+        digested: list[bytes] = []
+        real = access_module._digest
+
+        def digest(token):
+            digested.append(token)
+            return real(token)
+
+        self.patch(access_module, "_digest", digest)
+        return digested
+
+    def test_hashedOnce(self):
+        digested = self.countDigests()
+        self.channel.dataReceived(
+            b"POST /api/v1/chat/completions HTTP/1.1\r\n" + AUTHORIZATION
+            + b"Content-Length: 2\r\n\r\n{}"
+        )
+        self.assertEqual(len(self.agent.requests), 1)
+        self.assertEqual(digested, [ACCESS_TOKEN])
+
+    def test_unknownTokenHashedOnce(self):
+        digested = self.countDigests()
+        self.channel.dataReceived(
+            b"POST /api/v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Length: 2\r\n\r\n{}"
+        )
+        status, _, _ = splitResponse(self.client.value())
+        self.assertEqual(status, 401)
+        self.assertEqual(digested, [b"wrong"])
+
+    def test_removedWhileTheBodyArrives(self):
+        """
+        A token removed from the access list (by a reload) after the head
+        arrived and before the body is complete is refused, as the list
+        now says.
+        """
+        self.channel.dataReceived(
+            b"POST /api/v1/chat/completions HTTP/1.1\r\n" + AUTHORIZATION
+            + b"Content-Length: 2\r\n\r\n{"
+        )
+        self.site._access.replace(["another-access-token-Lm4n"])
+        self.channel.dataReceived(b"}")
+        status, _, _ = splitResponse(self.client.value())
+        self.assertEqual(status, 401)
+        self.assertEqual(self.agent.requests, [])
 
 
 class ClientTimeoutTests(ChannelTestCase):

@@ -1,0 +1,88 @@
+# -*- test-case-name: tests.test_record -*-
+"""
+What hermux learns about one request, in one record: its id, the client
+the gate let in, the key that served it and how it ended.
+
+The site's request makes it (L{hermux.site.HermuxRequest}); the gate, the
+resources and the relay fill it in through L{recordOf}, which also gives
+any other twisted.web request a record of its own; when the request is
+over, its metrics and its line in the request log are read from it.  To
+log something more (accounting's model, token usage and cost), add a field
+here, give it to the line in L{RequestRecord.logFields}, and name it in
+L{hermux.requestlog.REQUEST_LINE}.
+"""
+
+from __future__ import annotations
+
+__all__ = ["RequestRecord", "recordOf", "statusOf"]
+
+import attr
+
+from hermux.access import Client, Lookup
+from hermux.channel import peerText
+
+
+def statusOf(request):
+    """
+    The status C{request} was answered with, or C{"-"} if no status line
+    was sent.
+    """
+    return request.code if request.startedWriting else "-"
+
+
+@attr.define
+class RequestRecord:
+    """
+    One request, as hermux's parts saw it.
+
+    @ivar requestId: the client's C{X-Request-Id} if it sent a sane one, a
+        new random one otherwise (see L{hermux.site.HermuxRequest}).
+    @ivar client: the client the gate let in, once it did.
+    @ivar keyName: the name of the key the request was last sent with.
+    @ivar outcome: how the exchange ended, if not normally ("client went
+        away", an upstream failure, ...).
+    @ivar started: when the request was complete and began to be answered,
+        in the site's reactor's seconds.
+    @ivar tokenLookup: what the C{Authorization} header was found to name,
+        once it was looked up: the token is hashed once per request.
+    """
+
+    requestId: str = "-"
+    client: Client | None = None
+    keyName: str | None = None
+    outcome: str | None = None
+    started: float = 0.0
+    tokenLookup: Lookup | None = attr.field(default=None, repr=False)
+
+    def logFields(self, request, now: float) -> dict:
+        """
+        The fields of C{request}'s line in the request log (see
+        L{hermux.requestlog.REQUEST_LINE}), now that it is over.
+        """
+        outcome = self.outcome
+        return {
+            "requestId": self.requestId,
+            "method": request.method.decode("ascii", "replace"),
+            "path": request.path.decode("ascii", "replace"),
+            "status": statusOf(request),
+            "key": self.keyName or "-",
+            "client": "-" if self.client is None else self.client.label,
+            "bytes": request.sentLength,
+            "duration": now - self.started,
+            "peer": peerText(request.getClientAddress()),
+            "outcome": outcome or "complete",
+            "outcomeNote": f" ({outcome})" if outcome else "",
+        }
+
+
+def recordOf(request) -> RequestRecord:
+    """
+    The record of C{request}: the one a L{hermux.site.HermuxRequest} made,
+    or, for any other request (a plain L{twisted.web.server.Request}), one
+    made at the first call.
+    """
+    try:
+        return request.hermuxRecord
+    except AttributeError:
+        record = request.hermuxRecord = RequestRecord()
+        return record
