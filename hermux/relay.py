@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay,tests.test_record,tests.test_failover -*-
+# -*- test-case-name: tests.test_relay,tests.test_relaycorrectness,tests.test_record,tests.test_failover -*-
 """
 The relay: forwards one client request upstream with a chosen key and
 streams the answer back as it arrives.
@@ -26,7 +26,7 @@ from typing import Callable
 from OpenSSL.SSL import Error as TLSError
 from service_identity import VerificationError
 from twisted.internet import error
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -208,6 +208,10 @@ class _BodyCollector(_BodyReader):
         self._length = 0
 
     def dataReceived(self, data: bytes):
+        if self.done.called:
+            # It gave up (too long, or cancelled); the rest of the read that
+            # delivered the last bytes still arrives, and goes nowhere.
+            return
         self._kick()
         self._length += len(data)
         if self._length > self._limit:
@@ -382,12 +386,14 @@ class _Exchange:
         client with an error and return L{None} if there is none.
         """
         request = self._request
-        pending = self._relay.upstream.request(
-            request.method,
-            self._target,
-            upstreamHeaders(request.requestHeaders, key.token.encode("ascii")),
-            _requestBody(request),
-        )
+        headers = upstreamHeaders(request.requestHeaders, key.token.encode("ascii"))
+        body = _requestBody(request)
+        try:
+            pending = self._relay.upstream.request(request.method, self._target, headers, body)
+        except Exception:
+            # An agent that raises instead of failing its Deferred failed to
+            # send the request all the same.
+            pending = fail()
         self._watchdog.onIdle = pending.cancel
         sent = self._now()
         try:
