@@ -112,7 +112,7 @@ def assemble(
         demo = DemoUpstream(upstream, [key.token for key in configuration.keys], reactor=reactor)
         services.append(("demo", demo))
     if options["probe-keys"]:
-        services.append(("probe", KeyProbe(pool, upstream)))
+        services.append(("probe", KeyProbe(pool, upstream, reactor=reactor)))
     services.append(("reloader", reloader))
 
     return Components(
