@@ -1,11 +1,13 @@
+# -*- test-case-name: tests.test_ledger,tests.test_durability -*-
 """
 The usage ledger: per UTC day, how many requests each key served, how many
 were rate limited or failed, and how many requests each client made.
 
 Counts are kept in memory as they happen and written to SQLite in batches,
-in a thread of their own, at least every second and when hermux stops: a
-crash loses at most the last second of counts, and the file is never left
-half-written (SQLite in WAL mode commits each batch atomically).
+in a thread of their own (a L{BatchWriter}), at least every second and when
+hermux stops: a crash loses at most the last second of counts, and the file
+is never left half-written (SQLite in WAL mode commits each batch
+atomically).
 
 L{ILedger} is all the rest of hermux sees, so that another store (one shared
 by several hermux instances) can take SQLite's place.
@@ -13,19 +15,28 @@ by several hermux instances) can take SQLite's place.
 
 from __future__ import annotations
 
+__all__ = [
+    "SCHEMA_VERSION",
+    "APPLICATION_ID",
+    "dayText",
+    "KeyUsage",
+    "LedgerError",
+    "ILedger",
+    "MemoryLedger",
+    "SQLiteLedger",
+]
+
 import sqlite3
-import threading
 from collections import Counter
 from datetime import date, timedelta
 
 import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
+
+from hermux.batchwriter import BatchWriter, IBatch, IBatchTarget, writerSetting
 
 SCHEMA_VERSION = 1
 # PRAGMA application_id: "hmux" in ASCII, so that no other program's
@@ -118,25 +129,28 @@ class ILedger(Interface):
         """
 
 
+@implementer(IBatch)
 class _Pending:
     """
-    Counts recorded since the last write.
-
-    @ivar committed: set by the writer thread once the counts are in the
-        file.
+    Counts recorded and not written yet, summed per row: a batch of
+    L{SQLiteLedger}'s writer, whose C{size} is the number of rows it adds
+    to.
     """
 
     def __init__(self):
         self.keys: Counter[tuple[int, str, str]] = Counter()
         self.clients: Counter[tuple[int, str]] = Counter()
-        self.committed = False
 
-    def __bool__(self):
-        return bool(self.keys or self.clients)
+    @property
+    def size(self) -> int:
+        return len(self.keys) + len(self.clients)
 
-    def add(self, other: _Pending):
-        self.keys.update(other.keys)
-        self.clients.update(other.clients)
+    def extend(self, newer: _Pending):
+        self.keys.update(newer.keys)
+        self.clients.update(newer.clients)
+
+    def trim(self, size):
+        raise NotImplementedError("the ledger keeps every count; its writer has no backlog")
 
     def record(self, day, key, requests, rateLimited, errors):
         for column, n in (("requests", requests), ("rate_limited", rateLimited), ("errors", errors)):
@@ -231,61 +245,51 @@ def _readKeyUsage(connection, day: int) -> dict[str, Counter]:
     }
 
 
-def _write(connection: sqlite3.Connection, batch: _Pending, lock: threading.Lock) -> None:
-    keyRows: dict[tuple[int, str], list[int]] = {}
-    for (day, key, column), n in batch.keys.items():
-        row = keyRows.setdefault((day, key), [0, 0, 0])
-        row[("requests", "rate_limited", "errors").index(column)] += n
-    with lock, connection:
-        connection.execute("BEGIN IMMEDIATE")
-        connection.executemany(
-            _ADD_KEY_USAGE, [(dayText(d), k, *row) for (d, k), row in keyRows.items()]
-        )
-        connection.executemany(
-            _ADD_CLIENT_USAGE, [(dayText(d), c, n) for (d, c), n in batch.clients.items()]
-        )
-        batch.committed = True
-
-
-@implementer(ILedger)
+@implementer(ILedger, IBatchTarget)
 class SQLiteLedger(Service):
     """
-    The ledger in a SQLite file, written by a thread of its own.
+    The ledger in a SQLite file, written in batches by a L{BatchWriter}.
 
     Opening checks the file at once (so a bad one stops hermux from
     starting); the connection that writes is made when the service starts,
     after twistd has daemonized.
 
-    @ivar problem: the last write error, while writing fails (for
-        C{/hermux/health}); L{None} when all is well.
+    While the file cannot be written, counts wait in memory, merged per row:
+    what waits grows with the keys, clients and days counted (all from the
+    configuration), not with the requests, so the writer keeps all of it
+    (it has no C{backlog}): a count dropped would be usage the key pool
+    forgets.
     """
 
     _log = Logger()
-    problemLogInterval = 60.0
+    problemLogInterval = writerSetting(
+        "problemLogInterval", "How often, at most, a write problem is logged, in seconds."
+    )
 
     def __init__(self, path: str, *, reactor=None, interval: float = 1.0):
-        if reactor is None:
-            from twisted.internet import reactor
         self.path = path
-        self._reactor = reactor
-        self._interval = interval
-        self._pending = _Pending()
-        self._writing = _Pending()
         self._connection: sqlite3.Connection | None = None
-        self._threads: ThreadPool | None = None
-        self._loop: LoopingCall | None = None
-        self._flushing: Deferred | None = None
-        self._lastProblemLogged: float | None = None
-        self._lock = threading.Lock()
-        self.problem: str | None = None
+        self._writer = BatchWriter(
+            self, interval=interval, reactor=reactor, stopAttempts=3, threadName="hermux-ledger"
+        )
         _connect(path).close()
+
+    @property
+    def problem(self) -> str | None:
+        """
+        Why counts cannot be written, while writing fails (for
+        C{/hermux/health}); L{None} when all is well.
+        """
+        if self._writer.problem is None:
+            return None
+        return f"cannot write the state file: {self._writer.problem}"
 
     def keyUsage(self, day):
         """
         Read synchronously, with a connection of its own: for startup, not
         for the reactor thread once hermux serves.
         """
-        with self._lock:
+        with self._writer.lock:
             connection = _connect(self.path)
             try:
                 stored = _readKeyUsage(connection, day)
@@ -297,7 +301,7 @@ class SQLiteLedger(Service):
         """
         Read synchronously, like L{keyUsage}.
         """
-        with self._lock:
+        with self._writer.lock:
             connection = _connect(self.path)
             try:
                 rows = connection.execute(
@@ -311,44 +315,33 @@ class SQLiteLedger(Service):
 
     def _unwritten(self) -> _Pending:
         """
-        The counts not in the file yet.  Call it holding C{_lock}, so that
-        a batch being written is either committed or not.
+        The counts not in the file yet.  Call it holding the writer's lock,
+        so that a batch being written is either committed or not.
         """
         unwritten = _Pending()
-        if not self._writing.committed:
-            unwritten.add(self._writing)
-        unwritten.add(self._pending)
+        for batch in self._writer.unwritten():
+            unwritten.extend(batch)
         return unwritten
 
     def record(self, day, key, requests=0, rateLimited=0, errors=0):
-        self._pending.record(day, key, requests, rateLimited, errors)
+        self._writer.pending.record(day, key, requests, rateLimited, errors)
 
     def recordClient(self, day, client):
-        self._pending.clients[(day, client)] += 1
+        self._writer.pending.clients[(day, client)] += 1
 
     def startService(self):
         super().startService()
-        self._threads = ThreadPool(minthreads=1, maxthreads=1, name="hermux-ledger")
-        self._threads.start()
         self._connection = _connect(self.path)
-        self._loop = LoopingCall(self.flush)
-        self._loop.clock = self._reactor
-        self._loop.start(self._interval, now=False)
+        self._writer.startService()
 
     async def _stop(self):
-        self._loop.stop()
-        for attempt in range(3):
-            await self.flush()
-            if not self._pending:
-                break
-        if self._pending:
+        await self._writer.stopService()
+        if self._writer.pending.size:
             self._log.error(
                 "stopping with counts that could not be written to {path}", path=self.path
             )
         self._connection.close()
         self._connection = None
-        self._threads.stop()
-        self._threads = None
 
     def stopService(self):
         super().stopService()
@@ -357,52 +350,43 @@ class SQLiteLedger(Service):
     def flush(self) -> Deferred:
         """
         Write what has been recorded so far; fires once it is written (or
-        the write failed and the counts wait for the next try).  One write
-        runs at a time: a flush asked for meanwhile follows it.
+        the write failed and the counts wait for the next try).
         """
-        if self._threads is None:
-            return succeed(None)
-        if self._flushing is not None:
-            after: Deferred[None] = Deferred()
+        return self._writer.flush()
 
-            def thenFlush(_):
-                self.flush().chainDeferred(after)
+    # IBatchTarget: how the writer writes a batch of counts.
 
-            self._flushing.addBoth(thenFlush)
-            return after
-        if not self._pending:
-            return succeed(None)
-        batch, self._pending = self._pending, _Pending()
-        self._writing = batch
-        d = deferToThreadPool(
-            self._reactor, self._threads, _write, self._connection, batch, self._lock
-        )
-        d.addCallbacks(self._written, self._notWritten, errbackArgs=(batch,))
-        self._flushing = d
-        return d
+    def newBatch(self) -> _Pending:
+        return _Pending()
 
-    def _written(self, result):
-        self._flushing = None
-        self._writing = _Pending()
-        if self.problem is not None:
-            self._log.info("the state file {path} is written again", path=self.path)
-            self.problem = None
-
-    def _notWritten(self, failure, batch):
-        # Keep the counts for the next try: nothing is lost while the
-        # file cannot be written, only delayed.
-        self._flushing = None
-        self._writing = _Pending()
-        batch.add(self._pending)
-        self._pending = batch
-        self.problem = f"cannot write the state file: {failure.getErrorMessage()}"
-        now = self._reactor.seconds()
-        if (
-            self._lastProblemLogged is None
-            or now - self._lastProblemLogged >= self.problemLogInterval
-        ):
-            self._lastProblemLogged = now
-            self._log.error(
-                "{problem}; hermux keeps counting in memory and will retry",
-                problem=self.problem,
+    def writeBatch(self, batch: _Pending) -> None:
+        """
+        Add C{batch} to the file in one transaction, in the writer's thread.
+        """
+        keyRows: dict[tuple[int, str], list[int]] = {}
+        for (day, key, column), n in batch.keys.items():
+            row = keyRows.setdefault((day, key), [0, 0, 0])
+            row[("requests", "rate_limited", "errors").index(column)] += n
+        connection = self._connection
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.executemany(
+                _ADD_KEY_USAGE, [(dayText(d), k, *row) for (d, k), row in keyRows.items()]
             )
+            connection.executemany(
+                _ADD_CLIENT_USAGE, [(dayText(d), c, n) for (d, c), n in batch.clients.items()]
+            )
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+
+    def writeFailing(self, problem: str) -> None:
+        # Nothing is lost while the file cannot be written, only delayed.
+        self._log.error(
+            "{problem}; hermux keeps counting in memory and will retry", problem=self.problem
+        )
+
+    def writingAgain(self, dropped: int) -> None:
+        self._log.info("the state file {path} is written again", path=self.path)

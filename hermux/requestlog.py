@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_requestlog -*-
 """
 Where the line each request logs goes: by default into twistd's log as a
 twisted.logger event; with C{--access-log}, into a file of its own, written
@@ -6,17 +7,18 @@ in batches, which costs a busy hermux far less than an event per request.
 
 from __future__ import annotations
 
+__all__ = ["REQUEST_LINE", "IRequestLog", "RequestLogEvents", "RequestLogFile"]
+
 import signal
 import time
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.logfile import LogFile
-from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
+
+from hermux.batchwriter import BatchWriter, IBatch, IBatchTarget, writerSetting
 
 # Both destinations format the same fields the same way; str.format reads
 # this format as twisted.logger does.
@@ -54,26 +56,51 @@ class RequestLogEvents:
         self._log.info("{text}", text=REQUEST_LINE.format_map(fields), **fields)
 
 
-@implementer(IRequestLog)
+@implementer(IBatch)
+class _Lines:
+    """
+    Request lines not written yet: a batch of L{RequestLogFile}'s writer,
+    whose C{size} is in bytes.
+    """
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.size = 0
+
+    def append(self, line: str) -> None:
+        self.lines.append(line)
+        self.size += len(line)
+
+    def extend(self, newer: _Lines) -> None:
+        self.lines.extend(newer.lines)
+        self.size += newer.size
+
+    def trim(self, size: int) -> int:
+        dropped = 0
+        while self.size > size:
+            self.size -= len(self.lines[dropped])
+            dropped += 1
+        del self.lines[:dropped]
+        return dropped
+
+
+@implementer(IRequestLog, IBatchTarget)
 class RequestLogFile(Service):
     """
     Request lines in a file of their own, one per request, each starting
     with twistd's timestamp.
 
-    Lines wait in memory and are written by a thread of the log's own, in
-    one batch every C{interval} seconds or as soon as C{batchBytes} wait, and
-    when the service stops; a crash loses at most the last C{interval}
-    seconds of lines.  The file is rotated like twistd's log: to C{.1},
-    C{.2}, ... when it reaches C{rotateLength} bytes, and on SIGUSR1.
+    Lines wait in memory and are written by a L{BatchWriter} of the log's
+    own, in one batch every C{interval} seconds or as soon as C{batchBytes}
+    wait, and when the service stops; a crash loses at most the last
+    C{interval} seconds of lines.  The file is rotated like twistd's log: to
+    C{.1}, C{.2}, ... when it reaches C{rotateLength} bytes, and on SIGUSR1.
 
     A failed write keeps its lines for the next try, up to C{keepBytes};
-    past that they are dropped and the log says how many.
+    past that the oldest are dropped and the log says how many.
     """
 
     _log = Logger()
-    batchBytes = 64 * 1024
-    keepBytes = 4 * 1024 * 1024
-    problemLogInterval = 60.0
 
     def __init__(
         self,
@@ -87,38 +114,37 @@ class RequestLogFile(Service):
             from twisted.internet import reactor
         self.path = path
         self._reactor = reactor
-        self._interval = interval
         # Opening now lets a bad path stop hermux before it serves.
         self._file = LogFile.fromFullPath(path, rotateLength=rotateLength)
-        self._pending: list[str] = []
-        self._pendingBytes = 0
+        self._writer = BatchWriter(
+            self,
+            interval=interval,
+            reactor=reactor,
+            backlog=4 * 1024 * 1024,
+            batchSize=64 * 1024,
+            threadName="hermux-access-log",
+        )
         self._second: int | None = None
         self._stamp = ""
-        self._threads: ThreadPool | None = None
-        self._loop: LoopingCall | None = None
-        self._flushing: Deferred | None = None
         self._previousUSR1 = None
-        self._dropped = 0
-        self._lastProblemLogged: float | None = None
+
+    batchBytes = writerSetting("batchSize", "Bytes of lines written at once, without waiting.")
+    keepBytes = writerSetting("backlog", "Bytes of lines kept while writes fail.")
+    problemLogInterval = writerSetting(
+        "problemLogInterval", "How often, at most, a write problem is logged, in seconds."
+    )
 
     def record(self, fields):
         second = int(self._reactor.seconds())
         if second != self._second:
             self._second = second
             self._stamp = time.strftime(_TIME_FORMAT, time.localtime(second))
-        line = f"{self._stamp} {REQUEST_LINE.format_map(fields)}\n"
-        self._pending.append(line)
-        self._pendingBytes += len(line)
-        if self._pendingBytes >= self.batchBytes and self._flushing is None:
-            self.flush()
+        self._writer.pending.append(f"{self._stamp} {REQUEST_LINE.format_map(fields)}\n")
+        self._writer.added()
 
     def startService(self):
         super().startService()
-        self._threads = ThreadPool(minthreads=1, maxthreads=1, name="hermux-access-log")
-        self._threads.start()
-        self._loop = LoopingCall(self.flush)
-        self._loop.clock = self._reactor
-        self._loop.start(self._interval, now=False)
+        self._writer.startService()
         self._previousUSR1 = signal.signal(signal.SIGUSR1, self._rotateOnSignal)
 
     def stopService(self):
@@ -127,16 +153,13 @@ class RequestLogFile(Service):
 
     async def _stop(self):
         signal.signal(signal.SIGUSR1, self._previousUSR1 or signal.SIG_DFL)
-        self._loop.stop()
-        await self.flush()
-        if self._pending:
+        await self._writer.stopService()
+        if self._writer.pending.size:
             self._log.error(
                 "stopping with {count} request lines that could not be written to {path}",
-                count=len(self._pending),
+                count=len(self._writer.pending.lines),
                 path=self.path,
             )
-        self._threads.stop()
-        self._threads = None
         self._file.close()
 
     def _rotateOnSignal(self, signum, frame):
@@ -153,65 +176,38 @@ class RequestLogFile(Service):
     def rotate(self) -> Deferred:
         """
         Write what waits, then move the file aside to C{.1} (and the older
-        ones up by one) and start a new one.
+        ones up by one) and start a new one, in the writer's thread.
         """
-        return self._inThread(self._file.rotate)
+        return self._writer.flushThen(self._file.rotate)
 
     def flush(self) -> Deferred:
         """
         Write the lines waiting; fires once they are written or the write
-        failed.  One write runs at a time: a flush asked for meanwhile
-        follows it.
+        failed.
         """
-        if self._flushing is not None:
-            after: Deferred[None] = Deferred()
-            self._flushing.addBoth(lambda _: self.flush().chainDeferred(after))
-            return after
-        if not self._pending or self._threads is None:
-            return succeed(None)
-        batch = self._pending
-        self._pending, self._pendingBytes = [], 0
-        d = deferToThreadPool(self._reactor, self._threads, self._file.write, "".join(batch))
-        d.addCallbacks(self._written, self._notWritten, errbackArgs=(batch,))
-        self._flushing = d
-        return d
+        return self._writer.flush()
 
-    def _inThread(self, work) -> Deferred:
-        def afterFlush(_):
-            if self._threads is None:
-                return None
-            return deferToThreadPool(self._reactor, self._threads, work)
+    # IBatchTarget: how the writer writes a batch of lines.
 
-        return self.flush().addCallback(afterFlush)
+    def newBatch(self) -> _Lines:
+        return _Lines()
 
-    def _written(self, result):
-        self._flushing = None
-        if self._pendingBytes >= self.batchBytes:
-            self.flush()
-        if self._dropped:
+    def writeBatch(self, batch: _Lines) -> None:
+        self._file.write("".join(batch.lines))
+
+    def writeFailing(self, problem: str) -> None:
+        self._log.error(
+            "cannot write request lines to {path}: {problem}; keeping up to "
+            "{keepBytes} bytes of them for the next try",
+            path=self.path,
+            problem=problem,
+            keepBytes=self.keepBytes,
+        )
+
+    def writingAgain(self, dropped: int) -> None:
+        if dropped:
             self._log.warn(
                 "{path} is written again; {count} request lines were dropped meanwhile",
                 path=self.path,
-                count=self._dropped,
-            )
-            self._dropped = 0
-        self._lastProblemLogged = None
-
-    def _notWritten(self, failure, batch):
-        self._flushing = None
-        kept = sum(map(len, batch)) + self._pendingBytes
-        if kept <= self.keepBytes:
-            self._pending[:0] = batch
-            self._pendingBytes = kept
-        else:
-            self._dropped += len(batch)
-        now = self._reactor.seconds()
-        if self._lastProblemLogged is None or now - self._lastProblemLogged >= self.problemLogInterval:
-            self._lastProblemLogged = now
-            self._log.error(
-                "cannot write request lines to {path}: {problem}; keeping up to "
-                "{keepBytes} bytes of them for the next try",
-                path=self.path,
-                problem=failure.getErrorMessage(),
-                keepBytes=self.keepBytes,
+                count=dropped,
             )

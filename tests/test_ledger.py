@@ -8,6 +8,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 import time
 
 from zope.interface.verify import verifyObject
@@ -536,8 +537,8 @@ class WriterTests(TestCase):
         await ledger.flush()
         ledger.record(DAY, "key0", requests=100)
         ledger.recordClient(DAY, "bob")
-        ledger._loop.stop()
-        ledger._threads.stop()
+        ledger._writer._loop.stop()
+        ledger._writer._threads.stop()
 
         fresh = SQLiteLedger(path, reactor=Clock())
         self.assertEqual(fresh.keyUsage(DAY), {"key0": KeyUsage(5, 1, 0)})
@@ -674,6 +675,50 @@ class WriterTests(TestCase):
             storedKeys(ledger.path),
             {(DAY_TEXT, "key0", 2, 0, 0), (DAY_TEXT, longName, 1, 0, 0)},
         )
+
+    async def test_failedCommitCountedOnceAndRetried(self):
+        """
+        A write whose inserts worked but whose COMMIT failed (here SQLite's
+        authorizer denies the COMMIT) leaves the counts counted exactly once:
+        while the writer's thread is done with it and the reactor has not yet
+        heard of it, they are not in the file, so they show from memory; the
+        next write puts them in the file, once.
+        """
+        ledger = self.startLedger()
+        ledger.record(DAY, "key0", requests=5)
+        ledger.recordClient(DAY, "alice")
+        commitDenied = threading.Event()
+
+        def denyCommit(action, argument, *rest):
+            if action == sqlite3.SQLITE_TRANSACTION and argument == "COMMIT":
+                commitDenied.set()
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK
+
+        ledger._connection.set_authorizer(denyCommit)
+        with capturedLogs() as events:
+            writing = ledger.flush()
+            # The reactor thread is held here, so the failure's result
+            # cannot reach it: the reads below take the writer's lock, which
+            # the writer's thread holds until it is done with the batch.
+            self.assertTrue(commitDenied.wait(5))
+            try:
+                self.assertEqual(ledger.keyUsage(DAY), {"key0": KeyUsage(5, 0, 0)})
+                self.assertEqual(ledger.clientUsage(DAY), {"alice": 1})
+                self.assertEqual(storedKeys(ledger.path), set())
+            finally:
+                await writing
+            self.assertIn("not authorized", ledger.problem)
+            self.assertEqual(len(self.errorsLogged(events)), 1)
+        self.assertEqual(ledger.keyUsage(DAY), {"key0": KeyUsage(5, 0, 0)})
+
+        ledger._connection.set_authorizer(None)
+        await ledger.flush()
+        self.assertIsNone(ledger.problem)
+        self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 5, 0, 0)})
+        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 1)})
+        self.assertEqual(ledger.keyUsage(DAY), {"key0": KeyUsage(5, 0, 0)})
+        self.assertEqual(ledger.clientUsage(DAY), {"alice": 1})
 
     async def test_stopWhileWritesFailKeepsNothingHalfWritten(self):
         """

@@ -212,6 +212,25 @@ class RequestLogFileTests(TestCase):
         [recovered] = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertIn("2 request lines were dropped", formatEvent(recovered))
 
+    async def test_pastWhatMayBeKeptTheOldestGo(self):
+        """
+        When what failed writes keep grows past C{keepBytes}, the oldest
+        lines are dropped, not the newest.
+        """
+        path = os.path.abspath(self.mktemp())
+        os.symlink("/dev/full", path)
+        log = self.accessLog(path=path)
+        log.keepBytes = 250
+        with capturedLogs() as events:
+            log.record({**FIELDS, "status": 200})
+            log.record({**FIELDS, "status": 201})
+            await log.flush()
+            await log.rotate()
+            await log.flush()
+        self.assertEqual([line.split(" -> ")[1][:3] for line in read(path).splitlines()], ["201"])
+        [recovered] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn("1 request lines were dropped", formatEvent(recovered))
+
     async def test_failedRotationOnSignalIsLogged(self):
         """
         A rotation that SIGUSR1 asked for and that failed is logged, and the
