@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_testing, tests.test_tap -*-
 """
 Demo mode: hermux's fake OpenRouter served in-process on a private loopback
 port, as the upstream, so that hermux can be tried without an account.
@@ -5,13 +6,28 @@ port, as the upstream, so that hermux can be tried without an account.
 
 from __future__ import annotations
 
+__all__ = ["DemoUpstream"]
+
 from collections.abc import Iterable
 
 from twisted.application.service import Service
 from twisted.logger import Logger
+from twisted.web.server import Site
 
-from hermux.testing import FakeOpenRouter, fakeSite
+from hermux.testing import FakeOpenRouter
 from hermux.upstream import Upstream
+
+
+class _FakeOpenRouterSite(Site):
+    """
+    Twisted's site, without a log line per request: hermux logs each of the
+    requests it relays to the fake already.
+    """
+
+    noisy = False
+
+    def log(self, request):
+        pass
 
 
 class DemoUpstream(Service):
@@ -32,7 +48,7 @@ class DemoUpstream(Service):
 
     def startService(self):
         super().startService()
-        site = fakeSite(self.fake, reactor=self._reactor)
+        site = _FakeOpenRouterSite(self.fake, reactor=self._reactor)
         self._port = self._reactor.listenTCP(0, site, interface="127.0.0.1")
         port = self._port.getHost().port
         self._upstream.base = b"http://127.0.0.1:%d" % (port,)

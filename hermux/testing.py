@@ -1,17 +1,21 @@
+# -*- test-case-name: tests.test_testing -*-
 """
 A fake OpenRouter, for tests, benchmarks and the demo mode: a twisted.web
 resource that answers chat completions (as JSON, or as server-sent events a
 few words at a time), C{/api/v1/models} and C{/api/v1/key}; checks the
 Bearer key; records every request it receives; and misbehaves on demand
 (stalls, drops a stream midway, floods, or answers whatever a test says).
+Any L{twisted.web.server.Site} serves it:
 
     fake = FakeOpenRouter(["sk-test-1", "sk-test-2"])
-    reactor.listenTCP(0, fakeSite(fake), interface="127.0.0.1")
+    reactor.listenTCP(0, Site(fake), interface="127.0.0.1")
     fake.stallNext()                      # the next request never gets an answer
     fake.answerNext(429, {"error": ...}, key="sk-test-1", times=None)
 """
 
 from __future__ import annotations
+
+__all__ = ["FAKE_ANSWER", "FAKE_MODEL", "FakeOpenRouter", "ReceivedRequest", "fakeSite"]
 
 import itertools
 import json
@@ -21,12 +25,13 @@ from collections.abc import Iterable
 import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
+from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
-from hermux.channel import HermuxChannel, peerText
+from hermux.channel import peerText
 
 FAKE_MODEL = "hermux/fake-model"
 FAKE_ANSWER = "This is a fake answer from hermux.testing, not from a model."
@@ -285,10 +290,23 @@ class FakeOpenRouter(Resource):
         }})
 
 
+class _CountedChannel(HTTPChannel):
+    """
+    Twisted's HTTP connection, in its site's C{channels} while it is open.
+    """
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.site.channels.add(self)
+
+    def connectionLost(self, reason):
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+
+
 class _FakeSite(Site):
-    protocol = HermuxChannel
+    protocol = _CountedChannel
     noisy = False
-    maxConnections = 1_000_000
 
     def __init__(self, fake, reactor=None):
         super().__init__(fake, reactor=reactor)
@@ -300,8 +318,9 @@ class _FakeSite(Site):
 
 def fakeSite(fake: FakeOpenRouter, reactor=None) -> Site:
     """
-    A site serving C{fake} that writes no access log and keeps its open
-    connections in C{channels}.
+    A site serving C{fake}, for a benchmark's upstream: it writes no access
+    log line per request, and keeps its open connections in C{channels}.
+    A plain L{Site} serves the fake as well.
     """
     return _FakeSite(fake, reactor=reactor)
 

@@ -19,13 +19,15 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
+from twisted.protocols.policies import WrappingFactory
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
 
 import hermux
 from hermux.config import Configuration, Key
 from hermux.ledger import MemoryLedger
 from hermux.tap import Options
-from hermux.testing import FakeOpenRouter, fakeSite
+from hermux.testing import FakeOpenRouter
 from hermux.wiring import assemble
 
 KEYS = (
@@ -150,12 +152,15 @@ class Proxy:
             reactor=eventClock or reactor,
             eventInterval=eventInterval,
         )
-        self.fakeSite = fakeSite(self.fake)
+        self.fakeSite = _UnloggedSite(self.fake)
+        self._fakeConnections = _Counted(self.fakeSite)
         if upstreamCertificate is None:
-            self.fakePort = self._listen(self.fakeSite)
+            self.fakePort = self._listen(self._fakeConnections, lambda: self.fakeConnections)
             scheme, host = b"http", b"127.0.0.1"
         else:
-            self.fakePort = self._listen(self.fakeSite, upstreamCertificate.options())
+            self.fakePort = self._listen(
+                self._fakeConnections, lambda: self.fakeConnections, upstreamCertificate.options()
+            )
             scheme, host = b"https", b"localhost"
         if upstreamBase is None:
             upstreamBase = b"%s://%s:%d" % (scheme, host, self.fakePort.getHost().port)
@@ -189,20 +194,27 @@ class Proxy:
         self.relay = self.components.relay
         self.site = self.components.site
         self.reloader = self.components.reloader
-        self.port = self._listen(self.site)
+        self.port = self._listen(self.site, lambda: len(self.site.channels))
         clientPool = HTTPConnectionPool(reactor, persistent=False)
         testCase.addCleanup(clientPool.closeCachedConnections)
         self.client = HTTPClient(Agent(reactor, pool=clientPool))
 
-    def _listen(self, site, tlsOptions=None):
+    def _listen(self, factory, openConnections, tlsOptions=None):
         if tlsOptions is None:
-            port = reactor.listenTCP(0, site, interface="127.0.0.1")
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         else:
-            port = reactor.listenSSL(0, site, tlsOptions, interface="127.0.0.1")
+            port = reactor.listenSSL(0, factory, tlsOptions, interface="127.0.0.1")
         self._testCase.addCleanup(port.stopListening)
         # Cleanups run last-added first: connections close before ports.
-        self._testCase.addCleanup(waitUntil, lambda: not site.channels)
+        self._testCase.addCleanup(waitUntil, lambda: not openConnections())
         return port
+
+    @property
+    def fakeConnections(self) -> int:
+        """
+        How many connections to the fake upstream are open.
+        """
+        return len(self._fakeConnections.protocols)
 
     @property
     def portNumber(self) -> int:
@@ -234,6 +246,27 @@ class Proxy:
         it closes the connection.
         """
         return rawExchange(self.portNumber, data)
+
+
+class _UnloggedSite(Site):
+    """
+    A plain site for the fake upstream, without an access log line per
+    request in the test log: hermux logs the requests it relays.
+    """
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+class _Counted(WrappingFactory):
+    """
+    A factory's connections, kept in C{protocols} while they are open, so
+    that a test can wait until they are closed.
+    """
+
+    noisy = False
 
 
 class _Collect(Protocol):

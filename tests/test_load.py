@@ -98,7 +98,7 @@ class LoadTestCase(TestCase):
         no more than its pool of idle connections.
         """
         await waitUntil(lambda: not proxy.site.channels, timeout=30)
-        await waitUntil(lambda: len(proxy.fakeSite.channels) <= 64, timeout=30)
+        await waitUntil(lambda: proxy.fakeConnections <= 64, timeout=30)
         gc.collect()
 
     def assertNoGrowth(self, before: tuple[int, int], after: tuple[int, int]):

@@ -1,6 +1,7 @@
 """
 The public fake OpenRouter of L{hermux.testing}, in memory: a L{StubTreq}
-over the fake resource, and a L{Clock} to release streamed events.
+over the fake resource, and a L{Clock} to release streamed events; and the
+demo mode that serves it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.web.server import Site
+
+from hermux.demo import DemoUpstream
 from hermux.testing import FAKE_ANSWER, FAKE_MODEL, FakeOpenRouter, fakeSite
+from hermux.upstream import Upstream
+from tests.memory import MemoryNetwork, RawClient
 
 KEYS = ("sk-test-one-1a2b", "sk-test-two-3c4d")
 CHAT = "/api/v1/chat/completions"
@@ -677,3 +685,82 @@ class FakeSiteTests(SynchronousTestCase):
         self.assertEqual(received.peer, "127.0.0.1:40000")
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(site.channels, set())
+
+
+def modelsOver(network: MemoryNetwork, port: int, key: str) -> RawClient:
+    """
+    A raw GET /api/v1/models with C{key}, to what listens on C{port}.
+    """
+    client = RawClient()
+    network.connect(client, port)
+    client.send(
+        b"GET /api/v1/models HTTP/1.1\r\nHost: openrouter.test\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + key.encode() + b"\r\n\r\n"
+    )
+    network.flush()
+    return client
+
+
+class PlainSiteTests(SynchronousTestCase):
+    def test_servedByAPlainSite(self):
+        """
+        Twisted's own L{Site} serves the fake: nothing it does needs more
+        of the connection than twisted.web gives.
+        """
+        reactor = MemoryReactorClock()
+        network = MemoryNetwork(reactor)
+        fake = FakeOpenRouter(KEYS, reactor=reactor)
+        reactor.listenTCP(80, Site(fake, reactor=reactor))
+        client = modelsOver(network, 80, KEYS[0])
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 200 "))
+        self.assertIn(FAKE_MODEL.encode(), client.received)
+        self.assertTrue(client.closed)
+        [received] = fake.received
+        self.assertEqual(received.peer, "127.0.0.1:40000")
+
+
+class DemoUpstreamTests(SynchronousTestCase):
+    """
+    L{DemoUpstream} serves the fake with Twisted's own site, on loopback.
+    """
+
+    def test_servesTheFakeOnLoopback(self):
+        """
+        Started, it listens on a free port of 127.0.0.1 with a site whose
+        connections are Twisted's own, serving a fake that accepts the
+        configured keys, and points the upstream there.
+        """
+        reactor = MemoryReactorClock()
+        upstream = Upstream(b"https://openrouter.ai", agent=None)
+        demo = DemoUpstream(upstream, KEYS, reactor=reactor)
+        demo.startService()
+        [(port, site, _, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (0, "127.0.0.1"))
+        self.assertEqual(upstream.base, b"http://127.0.0.1:0")
+        self.assertIsInstance(site, Site)
+        self.assertIs(type(site).protocol, Site.protocol)
+        self.assertIs(site.resource, demo.fake)
+        network = MemoryNetwork(reactor)
+        self.assertTrue(modelsOver(network, 0, KEYS[1]).received.startswith(b"HTTP/1.1 200 "))
+        self.assertTrue(
+            modelsOver(network, 0, "sk-not-configured").received.startswith(b"HTTP/1.1 401 ")
+        )
+        demo.stopService()
+
+    def test_noLogLinePerRequest(self):
+        """
+        The fake's site writes no log line for the requests it answers:
+        hermux logs the ones it relays.
+        """
+        reactor = MemoryReactorClock()
+        demo = DemoUpstream(Upstream(b"https://openrouter.ai", agent=None), KEYS, reactor=reactor)
+        demo.startService()
+        [(_, site, _, _)] = reactor.tcpServers
+        site.doStart()
+        self.addCleanup(site.doStop)
+        with capturedLogs() as events:
+            client = modelsOver(MemoryNetwork(reactor), 0, KEYS[0])
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(
+            [formatEvent(e) for e in events if "/api/v1/models" in formatEvent(e)], []
+        )
