@@ -7,7 +7,9 @@ leak no secret or internal detail, and leave hermux serving.
 Faults the fake OpenRouter can produce are tested in test_endtoend.py:
 refused connections, a stall past --idle-timeout, a clean close
 mid-stream, an endless body relayed with backpressure and aborted by the
-client, untrusted and wrong-host certificates.
+client, untrusted and wrong-host certificates.  The last two cases here, a
+name that does not resolve and a client that stops reading, need no raw
+bytes: they run in memory (L{tests.memory}), the second on a clock.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.protocol import Protocol
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseFailed
 
 from hermux.upstream import MAX_UPSTREAM_HEAD_BYTES
-from tests.harness import ACCESS_TOKEN, KEYS, SECRETS, Proxy, sleep, waitUntil
+from tests.harness import ACCESS_TOKEN, KEYS, SECRETS, Proxy, waitUntil
+from tests.memory import MemoryProxy
 from tests.rawhttp import RawUpstream
 
 KEY_NAMES = {key.name for key in KEYS}
@@ -260,42 +263,52 @@ class BrokenBodyTests(UpstreamFaultTestCase):
         await waitUntil(lambda: not upstream.open)
 
 
-class UnresolvableTests(TestCase):
-    async def test_nameDoesNotResolve(self):
+class UnresolvableTests(SynchronousTestCase):
+    def test_nameDoesNotResolve(self):
         """
         An upstream whose name does not resolve (.invalid never does) gets
-        502 saying so.
+        502 saying so.  (In memory, where every other name is 127.0.0.1.)
         """
-        proxy = Proxy(self, upstreamBase=b"http://hermux-test-upstream.invalid:80")
-        response = await proxy.chat()
+        proxy = MemoryProxy(self, upstreamBase=b"http://hermux-test-upstream.invalid:80")
+        response, body = proxy.chatted()
         self.assertEqual(response.code, 502)
-        error = json.loads(await response.content())["error"]
+        error = json.loads(body)["error"]
         self.assertEqual(error["message"], "the upstream host name does not resolve")
         self.assertNotIn("invalid", error["message"])
 
 
-class SlowReaderTests(TestCase):
-    async def test_clientThatStopsReadingIsCut(self):
+class SlowReaderTests(SynchronousTestCase):
+    def test_clientThatStopsReadingIsCut(self):
         """
         A client that asks for an endless answer and stops reading holds
         hermux's connection only until --idle-timeout (the upstream is
         paused meanwhile) plus the channel's abortTimeout: hermux aborts a
         connection whose client will not take the rest, instead of waiting
-        for it forever.
+        for it forever.  (In memory, so that both times are exact.)
         """
         from hermux.channel import HermuxChannel
 
-        self.patch(HermuxChannel, "abortTimeout", 0.5)
-        proxy = Proxy(self, idleTimeout=0.5)
+        idle, abort = 30.0, HermuxChannel.abortTimeout
+        proxy = MemoryProxy(self, idleTimeout=idle)
         proxy.fake.floodNext(None)
-        response = await proxy.chat()
+        response = proxy.resultOf(proxy.chat())
         reader = _Ignore()
         response.deliverBody(reader)
         reader.transport.pauseProducing()
-        await waitUntil(lambda: proxy.fake.received and proxy.fake.flooded > 100_000)
-        await proxy.fake.received[0].lost
-        await waitUntil(lambda: not proxy.site.channels, timeout=5)
-        reader.transport.stopProducing()
+        proxy.flush()
+        [received] = proxy.fake.received
+        [upstream] = proxy.upstreamConnections()
+        self.assertEqual(upstream.client.producerState, "paused")
+        self.assertGreater(proxy.fake.flooded, 0)
+        proxy.advance(idle - 0.5)
+        self.assertNoResult(received.lost)
+        proxy.advance(0.5)
+        self.successResultOf(received.lost)
+        self.assertEqual(len(proxy.site.channels), 1)
+        proxy.advance(abort - 0.5)
+        self.assertEqual(len(proxy.site.channels), 1)
+        proxy.advance(0.5)
+        self.assertEqual(proxy.site.channels, set())
 
 
 class _Ignore(Protocol):
