@@ -393,7 +393,9 @@ class MemoryProxy:
     A L{FakeOpenRouter} and a hermux in front of it, as L{assemble} builds
     it, all on one L{MemoryReactorClock} that starts at L{NOW}.  Its
     keyword arguments are those of L{tests.harness.Proxy} that make sense in
-    memory.
+    memory, and: C{upstreamFactory}, what serves on L{UPSTREAM_PORT} instead
+    of the fake (a L{ScriptedUpstream}, say); C{probeKeys}, for
+    C{--probe-keys}; C{now}, where the clock starts.
 
     @ivar clock: the reactor of hermux, the fake and the clients.
     @ivar network: their connections.
@@ -423,6 +425,7 @@ class MemoryProxy:
         tokensPath: str = "tokens.csv",
         allowPath: str = "allow.txt",
         upstreamFactory: Factory | None = None,
+        probeKeys: bool = False,
         now: float = NOW,
     ):
         self._testCase = testCase
@@ -446,6 +449,7 @@ class MemoryProxy:
             tokensPath=tokensPath,
             allowPath=allowPath,
         )
+        options["probe-keys"] = probeKeys
         self.components = assemble(
             Configuration(tuple(keys), tuple(accessTokens)),
             options,

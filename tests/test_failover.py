@@ -367,11 +367,12 @@ class ProbeTests(SynchronousTestCase):
         --probe-keys takes each key's used requests and daily limit from
         GET /api/v1/key, and disables keys the upstream refuses.
         """
-        proxy = MemoryProxy(self)
+        proxy = MemoryProxy(self, probeKeys=True)
         proxy.fake.keys = frozenset({ALPHA.token, BETA.token})
         proxy.fake.usedToday[ALPHA.token] = 12
         proxy.fake.dailyLimit = 1000
-        probe = KeyProbe(proxy.pool, proxy.upstream)
+        probe = dict(proxy.components.services)["probe"]
+        self.assertIsInstance(probe, KeyProbe)
         probe.startService()
         proxy.resultOf(probe.done)
         states = {s.name: s for s in proxy.pool.statuses()}
