@@ -354,7 +354,7 @@ class MemoryNetwork:
         now = self.reactor.seconds()
         return moved or any(call.getTime() <= now for call in self.reactor.getDelayedCalls())
 
-    def flush(self, most: int = 100_000) -> None:
+    def flush(self, most: int = 10_000) -> None:
         """
         Step until nothing happens; fail if that takes more than C{most}
         steps (a body without end, read as fast as it comes).
@@ -476,10 +476,18 @@ class MemoryProxy:
 
     def advance(self, seconds: float) -> None:
         """
-        Let exactly C{seconds} pass, then move what that set off.
+        Let exactly C{seconds} pass: one due call after another, each at
+        its time, with what it set off moved before the next.
         """
         self.flush()
-        self.clock.advance(seconds)
+        end = self.clock.seconds() + seconds
+        while True:
+            due = [call.getTime() for call in self.clock.getDelayedCalls() if call.getTime() <= end]
+            if not due:
+                break
+            self.clock.advance(min(due) - self.clock.seconds())
+            self.flush()
+        self.clock.advance(end - self.clock.seconds())
         self.flush()
 
     def resultOf(self, d):
@@ -490,6 +498,9 @@ class MemoryProxy:
         return self._testCase.successResultOf(d)
 
     def failureOf(self, d, *types):
+        """
+        The failure C{d} fired with, once everything that can move now has.
+        """
         self.flush()
         return self._testCase.failureResultOf(d, *types)
 
