@@ -86,34 +86,38 @@ class AccessList:
 
         @return: how many tokens were added and how many removed.
         """
-        before = set(getattr(self, "_clients", ()))
-        self._clients = {
-            _digest(token.encode("ascii")): Client(clientLabel(token))
+        before = set(getattr(self, "_lookups", ()))
+        # The answers this version of the list gives, made once: a lookup
+        # per request makes nothing.
+        self._version = version = object()
+        self._nobody = Lookup(None, version)
+        self._lookups = {
+            _digest(token.encode("ascii")): Lookup(Client(clientLabel(token)), version)
             for token in tokens
         }
-        return len(self._clients.keys() - before), len(before - self._clients.keys())
+        return len(self._lookups.keys() - before), len(before - self._lookups.keys())
 
     def __len__(self) -> int:
-        return len(self._clients)
+        return len(self._lookups)
 
     def authorize(self, authorization: bytes | None) -> Client | None:
         """
         The client that an C{Authorization} header value identifies, or
         L{None} if it names no allowed client.
         """
-        token = presentedToken(authorization)
-        if token is None:
-            return None
-        return self._clients.get(_digest(token))
+        return self.lookup(authorization).client
 
     def lookup(self, authorization: bytes | None, earlier: Lookup | None = None) -> Lookup:
         """
-        L{authorize} C{authorization}, unless C{earlier} is this list's own
-        answer for it, made since the list was last replaced: then that.
+        What L{authorize} says of C{authorization}, or C{earlier} if that is
+        this list's own answer, given since the list was last replaced.
         """
-        if earlier is not None and earlier._version is self._clients:
+        if earlier is not None and earlier._version is self._version:
             return earlier
-        return Lookup(self.authorize(authorization), self._clients)
+        token = presentedToken(authorization)
+        if token is None:
+            return self._nobody
+        return self._lookups.get(_digest(token), self._nobody)
 
 
 class AuthThrottle:

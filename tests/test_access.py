@@ -292,7 +292,7 @@ class StorageTests(SynchronousTestCase):
         their C{repr}.
         """
         access = AccessList([TOKEN_A, TOKEN_B])
-        stored = access._clients
+        stored = access._lookups
         self.assertEqual(len(stored), 2)
         everything = repr(stored) + repr(vars(access)) + repr(access)
         for token in (TOKEN_A, TOKEN_B):
