@@ -48,12 +48,12 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web._newclient import Request as ClientRequest
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
+from hermux._twistedinternals import clientRequest
 from hermux.access import AccessList, AuthThrottle
 from hermux.config import Key
 from hermux.keypool import KeyPool
@@ -61,7 +61,7 @@ from hermux.relay import Relay
 from hermux.resource import FORWARDED_METHODS, buildRoot
 from hermux.site import HermuxSite
 from hermux.upstream import Upstream
-from tests.harness import ACCESS_TOKEN, KEYS, Proxy, sleep, waitUntil
+from tests.harness import ACCESS_TOKEN, KEYS, Proxy, waitUntil
 from tests.rawhttp import RawUpstream, connectRaw, parseUpstreamRequest, splitResponse
 
 TOKEN = ACCESS_TOKEN.encode()
@@ -288,9 +288,7 @@ class _WireAgent:
         # The only Host is the upstream's, never the client's.
         assert headers.getRawHeaders(b"host") == [BASE.split(b"//")[1]], headers
         transport = StringTransport()
-        ClientRequest._construct(
-            method, uri[len(BASE) :], headers, bodyProducer, persistent=True
-        ).writeTo(transport)
+        clientRequest(method, uri[len(BASE) :], headers, bodyProducer, True).writeTo(transport)
         self.wire.append(transport.value())
         return succeed(_InstantResponse())
 
