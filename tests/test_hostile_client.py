@@ -1,31 +1,77 @@
 """
-Clients that attack hermux, over real loopback sockets, in front of a raw
-upstream that records exactly the bytes it receives.  Every attack must
-get a valid HTTP error or a closed connection, forward nothing it should
-not, and leave hermux serving.
+Clients that attack hermux, the way an attacker meets its rules; the
+channel's rules are tested one by one in memory in test_site.py.
 
-The channel's rules are tested one by one in memory in test_site.py;
-here they are tested the way an attacker meets them.
+Attacks whose point is what reaches the upstream run over real loopback
+sockets, in front of a raw upstream that strictly parses the exact bytes
+it receives (L{tests.rawhttp.RawUpstream}); the throttle's, from real
+source addresses.  They wait only for answers that come at once.  Attacks whose point is when hermux answers or how many
+connections it holds run in memory (L{tests.memory.MemoryProxy}): the real
+wiring on a clock, with the real default --client-timeout reached exactly,
+not a shortened one waited for.  Every attack must get a valid HTTP error
+or a closed connection, forward nothing it should not, and leave hermux
+serving.
 """
 
 from __future__ import annotations
 
 import json
 
-from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hermux.channel import MAX_HEAD_BYTES
-from tests.harness import ACCESS_TOKEN, KEYS, Proxy, sleep, waitUntil
+from hermux.tap import Options
+from tests.harness import ACCESS_TOKEN, KEYS, Proxy, waitUntil
+from tests.memory import MemoryProxy
 from tests.rawhttp import RawUpstream, connectRaw, splitResponse
 
 TOKEN = ACCESS_TOKEN.encode()
 AUTHORIZATION = b"Authorization: Bearer " + TOKEN + b"\r\n"
 KEY_TOKENS = {key.token.encode() for key in KEYS}
 SMUGGLED = b"GET /api/v1/smuggled HTTP/1.1\r\nHost: x\r\n" + AUTHORIZATION + b"\r\n"
+MODELS = b"GET /api/v1/models HTTP/1.1\r\n" + AUTHORIZATION + b"Connection: close\r\n\r\n"
+
+# hermux's own default --client-timeout, which the tests in memory reach.
+CLIENT_TIMEOUT = Options().defaults["client-timeout"]
+# About a millisecond, and a power of two: the clock's floats add it
+# exactly, so that T - EPSILON + EPSILON is T.
+EPSILON = 2.0**-10
 
 
-class HostileTestCase(TestCase):
+class _Answers:
+    def assertError(self, answer: bytes, *codes: int) -> int:
+        """
+        C{answer} is exactly one of hermux's JSON errors, with one of
+        C{codes}, and nothing after it.
+        """
+        status, headers, body = splitResponse(answer)
+        self.assertIn(status, codes, answer[:300])
+        self.assertEqual(headers[b"x-hermux-error"], [b"%d" % (status,)])
+        self.assertEqual(len(body), int(headers[b"content-length"][0]), answer)
+        self.assertEqual(json.loads(body)["error"]["code"], status)
+        return status
+
+    def exchangeInMemory(self, proxy: MemoryProxy, data: bytes) -> bytes:
+        """
+        Send C{data} on a new connection to C{proxy}; what came back, once
+        hermux has closed the connection without any time passing.
+        """
+        client = proxy.connect(data)
+        self.assertTrue(client.closed, client.received[:300])
+        return client.received
+
+    def assertUnanswered(self, client) -> None:
+        """
+        hermux has neither answered C{client} nor closed its connection.
+        """
+        self.assertEqual((client.received, client.closed), (b"", False))
+
+
+class HostileTestCase(_Answers, TestCase):
+    """
+    Attacks over real loopback sockets, in front of a L{RawUpstream}.
+    """
+
     def setUp(self):
         self.upstream = RawUpstream(self)
 
@@ -42,23 +88,23 @@ class HostileTestCase(TestCase):
         return client.received
 
     async def assertStillServing(self, proxy: Proxy):
-        answer = await self.exchange(
-            proxy, b"GET /api/v1/models HTTP/1.1\r\n" + AUTHORIZATION + b"Connection: close\r\n\r\n"
-        )
+        answer = await self.exchange(proxy, MODELS)
         self.assertEqual(splitResponse(answer)[0], 200)
         self.assertEqual(self.upstream.malformed, [])
 
-    def assertError(self, answer: bytes, *codes: int) -> int:
-        """
-        C{answer} is exactly one of hermux's JSON errors, with one of
-        C{codes}, and nothing after it.
-        """
-        status, headers, body = splitResponse(answer)
-        self.assertIn(status, codes, answer[:300])
-        self.assertEqual(headers[b"x-hermux-error"], [b"%d" % (status,)])
-        self.assertEqual(len(body), int(headers[b"content-length"][0]), answer)
-        self.assertEqual(json.loads(body)["error"]["code"], status)
-        return status
+
+class MemoryHostileTestCase(_Answers, SynchronousTestCase):
+    """
+    Attacks on hermux in memory, in front of the fake OpenRouter, on a
+    clock that moves only when a test says.
+    """
+
+    def proxy(self, **kwargs) -> MemoryProxy:
+        kwargs.setdefault("clientTimeout", CLIENT_TIMEOUT)
+        return MemoryProxy(self, **kwargs)
+
+    def assertStillServing(self, proxy: MemoryProxy):
+        self.assertEqual(splitResponse(self.exchangeInMemory(proxy, MODELS))[0], 200)
 
 
 class SmugglingTests(HostileTestCase):
@@ -123,26 +169,30 @@ class SmugglingTests(HostileTestCase):
         await self.assertStillServing(proxy)
         self.assertNotIn(b"/smuggled", b"".join(c.received for c in self.upstream.connections))
 
-    async def test_hugeChunkSize(self):
+    def test_hugeChunkSize(self):
         """
         A chunk size past any limit swallows everything after it as body:
         nothing is smuggled, and the request gets 413 when its body passes
         --max-body, or 408 when it has not arrived in --client-timeout.
+        (In memory, where the 408 comes at exactly the default timeout.)
         """
-        proxy = self.proxy(clientTimeout=1.0, maxBody=1000)
+        proxy = MemoryProxy(self, clientTimeout=CLIENT_TIMEOUT, maxBody=1000)
         head = b"POST /api/v1/chat/completions HTTP/1.1\r\n" + AUTHORIZATION
-        answer = await self.exchange(
-            proxy,
+        client = proxy.connect(
             head + b"Transfer-Encoding: chunked\r\n\r\n10000000000000002\r\n{}\r\n0\r\n\r\n"
             + SMUGGLED,
         )
-        self.assertError(answer, 408)
-        answer = await self.exchange(
+        proxy.advance(CLIENT_TIMEOUT - EPSILON)
+        self.assertUnanswered(client)
+        proxy.advance(EPSILON)
+        self.assertError(client.received, 408)
+        self.assertTrue(client.closed)
+        answer = self.exchangeInMemory(
             proxy,
             head + b"Transfer-Encoding: chunked\r\n\r\n10000000000000002\r\n" + b"x" * 2000,
         )
         self.assertError(answer, 413)
-        self.assertEqual(self.upstream.requests, [])
+        self.assertEqual(proxy.fake.received, [])
 
     async def test_pipelinedRequestsStayApart(self):
         """
@@ -256,151 +306,181 @@ class TargetTests(HostileTestCase):
         self.assertEqual(self.upstream.requests, [])
 
 
-class LimitTests(HostileTestCase):
-    async def test_headerLimits(self):
+class LimitTests(MemoryHostileTestCase):
+    """
+    Heads and bodies past hermux's limits, in memory: whether hermux
+    answers at once is whether it answers before any time passes.
+    """
+
+    def test_headerLimits(self):
         proxy = self.proxy()
         tooMany = b"".join(b"X-Filler-%d: x\r\n" % (n,) for n in range(120))
         tooLong = b"X-Big: " + b"b" * (MAX_HEAD_BYTES + 100) + b"\r\n"
         for extra, code in ((tooMany, 431), (tooLong, 431)):
-            answer = await self.exchange(
+            answer = self.exchangeInMemory(
                 proxy, b"GET /api/v1/models HTTP/1.1\r\n" + AUTHORIZATION + extra + b"\r\n"
             )
             self.assertError(answer, code)
-        answer = await self.exchange(
+        answer = self.exchangeInMemory(
             proxy, b"GET /api/v1/" + b"m" * (MAX_HEAD_BYTES + 100) + b" HTTP/1.1\r\n\r\n"
         )
         self.assertError(answer, 414)
-        self.assertEqual(self.upstream.requests, [])
-        await self.assertStillServing(proxy)
+        self.assertEqual(proxy.fake.received, [])
+        self.assertStillServing(proxy)
 
-    async def test_bodyOverLimitWithoutSendingIt(self):
+    def test_bodyOverLimitWithoutSendingIt(self):
         """
         A declared body over --max-body gets 413 at once: the client need
         not send it, and hermux does not wait for it.
         """
         proxy = self.proxy(maxBody=1000)
-        answer = await self.exchange(
+        answer = self.exchangeInMemory(
             proxy,
             b"POST /api/v1/chat/completions HTTP/1.1\r\n" + AUTHORIZATION
             + b"Content-Length: 1000000000000\r\n\r\n",
         )
         self.assertError(answer, 413)
 
-    async def test_chunkedBodyOverLimitMidway(self):
+    def test_chunkedBodyOverLimitMidway(self):
         """
         A chunked body gets 413 as soon as it passes --max-body, before its
-        end, and the client can go on sending meanwhile without harm.
+        end (a body of exactly --max-body bytes so far gets no answer), and
+        the client can go on sending meanwhile without harm.
         """
-        proxy = self.proxy(maxBody=100_000)
-        client = await connectRaw(
-            proxy.portNumber,
+        limit = 100_000
+        proxy = self.proxy(maxBody=limit)
+        client = proxy.connect(
             b"POST /api/v1/chat/completions HTTP/1.1\r\n" + AUTHORIZATION
-            + b"Transfer-Encoding: chunked\r\n\r\n",
+            + b"Transfer-Encoding: chunked\r\n\r\n"
         )
         chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"
-        for _ in range(20):
-            if client.closed.called:
-                break
-            client.send(chunk)
-            await sleep(0.01)
-        await waitUntil(lambda: client.closed.called)
+        whole, part = divmod(limit, 0x4000)
+        client.send(chunk * whole + b"4000\r\n" + b"x" * part)
+        proxy.flush()
+        self.assertUnanswered(client)
+        # One byte past the limit, and more chunks sent with it, before the
+        # client could have read the answer.
+        client.send(b"x" * (0x4000 - part) + b"\r\n" + chunk * 10)
+        proxy.flush()
         self.assertError(client.received, 413)
-        self.assertEqual(self.upstream.requests, [])
+        self.assertTrue(client.closed)
+        self.assertEqual(proxy.fake.received, [])
+        self.assertStillServing(proxy)
 
 
-class SlowClientTests(HostileTestCase):
+class SlowClientTests(MemoryHostileTestCase):
     """
     Slowloris: a client that sends its request a little at a time, each
-    piece well within the idle timeout, is cut off after --client-timeout.
+    piece well within the idle timeout, is cut off after --client-timeout
+    (hermux's default, on a clock) from its first byte, and not before.
     """
 
-    async def trickle(self, proxy, data: bytes, interval: float, limit: float) -> bytes:
-        client = await connectRaw(proxy.portNumber)
-        started = reactor.seconds()
+    def trickle(self, proxy, client, data: bytes, seconds: float) -> None:
+        """
+        Have C{client} send C{data} a byte a second from now for C{seconds}
+        seconds, each byte well within the idle timeout (which every byte
+        restarts); fail if hermux answers or closes meanwhile.
+        """
+        end = proxy.clock.seconds() + seconds
         for byte in data:
-            if client.closed.called:
+            now = proxy.clock.seconds()
+            if now >= end:
                 break
-            self.assertLess(reactor.seconds() - started, limit, "never cut off")
             client.send(bytes([byte]))
-            await sleep(interval)
-        await waitUntil(lambda: client.closed.called)
-        return client.received
+            proxy.advance(min(1.0, end - now))
+            self.assertUnanswered(client)
+        self.assertEqual(proxy.clock.seconds(), end, "too little to send")
 
-    async def test_tricklingHead(self):
-        proxy = self.proxy(clientTimeout=1.0)
-        answer = await self.trickle(
+    def test_tricklingHead(self):
+        proxy = self.proxy()
+        client = proxy.connect()
+        self.trickle(
             proxy,
+            client,
             b"GET /api/v1/models HTTP/1.1\r\n" + AUTHORIZATION + b"X-Slow: " + b"s" * 1000,
-            interval=0.05,
-            limit=5.0,
+            CLIENT_TIMEOUT - EPSILON,
         )
-        self.assertError(answer, 408)
-        self.assertEqual(self.upstream.requests, [])
+        proxy.advance(EPSILON)
+        self.assertError(client.received, 408)
+        self.assertIn(b"within %g seconds" % (CLIENT_TIMEOUT,), client.received)
+        self.assertTrue(client.closed)
+        self.assertEqual(proxy.fake.received, [])
 
-    async def test_tricklingBody(self):
-        proxy = self.proxy(clientTimeout=1.0)
-        client = await connectRaw(
-            proxy.portNumber,
+    def test_tricklingBody(self):
+        """
+        The time a request may take counts its body: a head that arrives
+        at once, then a body a byte a second, gets 408 at --client-timeout.
+        """
+        proxy = self.proxy()
+        client = proxy.connect(
             b"POST /api/v1/chat/completions HTTP/1.1\r\n" + AUTHORIZATION
             + b"Content-Length: 1000\r\n\r\n",
         )
-        for _ in range(100):
-            if client.closed.called:
-                break
-            client.send(b"x")
-            await sleep(0.05)
-        await waitUntil(lambda: client.closed.called)
+        self.trickle(proxy, client, b"x" * 1000, CLIENT_TIMEOUT - EPSILON)
+        proxy.advance(EPSILON)
         self.assertError(client.received, 408)
-        self.assertEqual(self.upstream.requests, [])
+        self.assertTrue(client.closed)
+        self.assertEqual(proxy.fake.received, [])
 
-    async def test_idleConnection(self):
+    def test_idleConnection(self):
         """
         A connection that never sends anything is closed after
         --client-timeout, without an answer.
         """
-        proxy = self.proxy(clientTimeout=0.5)
-        client = await connectRaw(proxy.portNumber)
-        await waitUntil(lambda: client.closed.called, timeout=5)
+        proxy = self.proxy()
+        client = proxy.connect()
+        proxy.advance(CLIENT_TIMEOUT - EPSILON)
+        self.assertUnanswered(client)
+        proxy.advance(EPSILON)
+        self.assertTrue(client.closed)
         self.assertEqual(client.received, b"")
+        self.assertEqual(proxy.site.channels, set())
 
-    async def test_slowButInTime(self):
+    def test_slowButInTime(self):
         """
         A client that sends its request slowly but within --client-timeout
-        is served.
+        (its last piece just before it is over) is served.
         """
-        proxy = self.proxy(clientTimeout=3.0)
-        client = await connectRaw(proxy.portNumber)
-        for piece in (b"GET /api/v1/models HTTP/1.1\r\n", AUTHORIZATION, b"Connection: close\r\n", b"\r\n"):
+        proxy = self.proxy()
+        client = proxy.connect()
+        third = CLIENT_TIMEOUT / 3
+        pieces = (b"GET /api/v1/models HTTP/1.1\r\n", AUTHORIZATION, b"Connection: close\r\n")
+        for piece, wait in zip(pieces, (third, third, third - EPSILON)):
             client.send(piece)
-            await sleep(0.2)
-        await waitUntil(lambda: client.closed.called)
+            proxy.advance(wait)
+            self.assertUnanswered(client)
+        client.send(b"\r\n")
+        proxy.flush()
         self.assertEqual(splitResponse(client.received)[0], 200)
+        self.assertTrue(client.closed)
 
 
-class ConnectionLimitTests(HostileTestCase):
-    async def test_connectionsAreBounded(self):
+class ConnectionLimitTests(MemoryHostileTestCase):
+    def test_connectionsAreBounded(self):
         """
         Past --max-connections a client gets 503 with Retry-After and is
         disconnected; the connections already open are served, and a slot
         that frees up can be used again.
         """
         proxy = self.proxy(maxConnections=5)
-        held = [await connectRaw(proxy.portNumber) for _ in range(5)]
-        await waitUntil(lambda: len(proxy.site.channels) == 5)
+        held = [proxy.connect() for _ in range(5)]
+        self.assertEqual(len(proxy.site.channels), 5)
         for _ in range(3):
-            answer = await self.exchange(
+            answer = self.exchangeInMemory(
                 proxy, b"GET /api/v1/models HTTP/1.1\r\n" + AUTHORIZATION + b"\r\n"
             )
             self.assertError(answer, 503)
             self.assertIn(b"Retry-After: 1\r\n", answer)
         self.assertEqual(len(proxy.site.channels), 5)
-        held[0].send(b"GET /api/v1/models HTTP/1.1\r\n" + AUTHORIZATION + b"Connection: close\r\n\r\n")
-        await waitUntil(lambda: held[0].closed.called)
+        held[0].send(MODELS)
+        proxy.flush()
+        self.assertTrue(held[0].closed)
         self.assertEqual(splitResponse(held[0].received)[0], 200)
-        await waitUntil(lambda: len(proxy.site.channels) == 4)
-        await self.assertStillServing(proxy)
+        self.assertEqual(len(proxy.site.channels), 4)
+        self.assertStillServing(proxy)
+        self.assertEqual(len(proxy.site.channels), 4)
         for client in held[1:]:
-            client.transport.loseConnection()
+            self.assertUnanswered(client)
 
 
 class ThrottleTests(HostileTestCase):
