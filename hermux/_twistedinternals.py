@@ -102,12 +102,15 @@ class HeadCheckingClientProtocol(HTTP11ClientProtocol):
     head longer than C{maxHeadBytes} (counting each line with its line
     ending), a status line that does not match C{statusLine} all through,
     or a NUL anywhere in the head fails the request with L{ResponseFailed}
-    and closes the connection, as Twisted's own parse errors do.
+    and closes the connection, as Twisted's own parse errors do; and the
+    headers that the response's C{Connection} header names are dropped from
+    it, as hop-by-hop.
 
     Private: L{HTTP11ClientProtocol} (in C{twisted.web._newclient}: the
     protocol the pool's connections speak), its C{_parser} (one per
     request), the parser's C{lineReceived} (replaced on the instance for
-    the head), its states C{STATUS} and C{HEADER}, and L{ParseError}.  Why:
+    the head), its C{allHeadersReceived} (likewise) and C{connHeaders}, its
+    states C{STATUS} and C{HEADER}, and L{ParseError}.  Why:
     the head reaches public API only as a L{Response}, once it is all read:
     Twisted buffers it without limit until then (continuation lines
     included); the Response's C{code} is what C{int()} made of the status
@@ -160,7 +163,23 @@ def _guardHead(parser, maxHeadBytes: int, statusLine: re.Pattern) -> None:
             # cyclic garbage collector runs.
             del parser.lineReceived
 
+    allHeadersReceived = parser.allHeadersReceived
+
+    def headersWithoutConnectionOptions():
+        # RFC 9110 section 7.6.1: the headers that Connection names are
+        # hop-by-hop.  The parser files Connection among its connHeaders,
+        # which the Response never shows, so they are dropped here, before
+        # the Response is handed on.
+        for value in parser.connHeaders.getRawHeaders(b"connection", ()):
+            for name in value.split(b","):
+                name = name.strip()
+                if name:
+                    parser.headers.removeHeader(name)
+        del parser.allHeadersReceived
+        allHeadersReceived()
+
     parser.lineReceived = checkedLineReceived
+    parser.allHeadersReceived = headersWithoutConnectionOptions
 
 
 class HTTPChannelHooks(http.HTTPChannel):

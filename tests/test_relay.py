@@ -169,11 +169,6 @@ class ForwardingTests(SynchronousTestCase):
         """
         self.assertNotIn(b"x-secret-hop", self.hopByHop())
 
-    test_headersNamedByConnectionStay.todo = (  # type: ignore[attr-defined]
-        "Twisted's client keeps Connection among its parser's connHeaders, "
-        "out of the response headers that hermux reads"
-    )
-
     def test_bodyIsRelayedChunkByChunk(self):
         """
         Each upstream event is written to the client when it arrives, and

@@ -127,6 +127,39 @@ class ClientProtocolTests(SynchronousTestCase):
         del parser.lineReceived
         self.assertEqual(parser.lineReceived, own)
 
+    def test_HTTPClientParser_allHeadersReceived_connHeaders(self):
+        """
+        The parser files Connection among its C{connHeaders}, the other
+        headers in C{headers}, which the response shares; C{allHeadersReceived},
+        looked up on the instance, runs once every header is in and before
+        the response is handed on.
+        """
+        protocol = HTTP11ClientProtocol()
+        _connected(protocol)
+        responses = []
+        protocol.request(_request()).addCallback(responses.append)
+        parser = protocol._parser
+        seen = []
+        own = parser.allHeadersReceived
+
+        def spy():
+            seen.append(
+                (
+                    parser.connHeaders.getRawHeaders(b"connection"),
+                    parser.headers.getRawHeaders(b"x-a"),
+                    list(responses),
+                )
+            )
+            own()
+
+        parser.allHeadersReceived = spy
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nConnection: x-a\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.assertEqual(seen, [([b"x-a"], [b"1"], [])])
+        [response] = responses
+        self.assertIs(response.headers, parser.headers)
+
     def test_STATUS_HEADER(self):
         """
         The parser's C{state} is C{STATUS} until the status line, then
