@@ -420,10 +420,15 @@ class Twistd(ProcessProtocol):
 def runTwistd(testCase, *args: str) -> Twistd:
     """
     Start twistd with C{args}; it is killed, if still running, when the test
-    ends.
+    ends.  Without a C{--pidfile} of the test's own it writes none: twistd's
+    default, twistd.pid in the checkout, would make two test runs at once
+    refuse each other ("Another twistd server is running").
     """
+    args = list(args)
+    if not any(arg.startswith("--pidfile") for arg in args):
+        args.insert(0, "--pidfile=")
     child = Twistd()
-    reactor.spawnProcess(child, TWISTD[0], TWISTD + list(args), env=twistdEnvironment(), path=CHECKOUT)
+    reactor.spawnProcess(child, TWISTD[0], TWISTD + args, env=twistdEnvironment(), path=CHECKOUT)
 
     def stop():
         if child.transport.pid is not None:
