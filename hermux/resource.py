@@ -123,6 +123,18 @@ class Gate:
                 )
             request.setHeader(b"WWW-Authenticate", b"Bearer")
             raise Refusal(renderError(request, 401, "missing or unknown access token"))
+        if getattr(request, "discardBody", False):
+            # The token was unknown when the head arrived, so the body was
+            # dropped; a reload has allowed it since.  Forwarding now would
+            # send an empty body.
+            request.setHeader(b"Retry-After", b"1")
+            raise Refusal(
+                renderError(
+                    request,
+                    503,
+                    "the access tokens were reloaded while this request arrived; send it again",
+                )
+            )
         record.client = client
         return client
 

@@ -339,6 +339,25 @@ class TokenLookupTests(ChannelTestCase):
         self.assertEqual(self.agent.requests, [])
 
 
+    def test_allowedWhileTheBodyArrives(self):
+        """
+        A token allowed (by a reload) after the head arrived unknown, so
+        that its body was dropped, is asked to send the request again: it
+        is not forwarded with an empty body.
+        """
+        other = "another-access-token-Lm4n"
+        self.channel.dataReceived(
+            b"POST /api/v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer "
+            + other.encode() + b"\r\nContent-Length: 2\r\n\r\n{"
+        )
+        self.site._access.replace([ACCESS_TOKEN.decode(), other])
+        self.channel.dataReceived(b"}")
+        status, headers, body = splitResponse(self.client.value())
+        self.assertEqual(status, 503)
+        self.assertIn(b"send it again", body)
+        self.assertEqual(self.agent.requests, [])
+
+
 class ClientTimeoutTests(ChannelTestCase):
     def test_idleConnectionIsClosed(self):
         """
