@@ -51,3 +51,39 @@ class ModuleConventionTests(SynchronousTestCase):
                 self.assertTrue(
                     hasattr(module, exported), f"{qualified}.__all__ names {exported!r}, which is not there"
                 )
+
+
+# An underscore name reached in a Twisted or treq module: "from twisted.x
+# import _y", "twisted.web._newclient", or "import twisted._z".
+_PRIVATE_IMPORT = re.compile(
+    r"^\s*(?:from\s+(?:twisted|treq)[\w.]*\s+import\s+[^#\n]*\b_[A-Za-z]"
+    r"|from\s+(?:twisted|treq)(?:\.\w+)*\._\w+"
+    r"|import\s+(?:twisted|treq)(?:\.\w+)*\._\w+)",
+    re.MULTILINE,
+)
+
+
+class PrivateTwistedTests(SynchronousTestCase):
+    def test_privateImportsOnlyInTheFence(self):
+        """
+        Only L{hermux._twistedinternals} imports Twisted's (or treq's)
+        private names; everything else uses what it offers.
+        """
+        for name in _modules():
+            if name == "_twistedinternals":
+                continue
+            with open(os.path.join(_PACKAGE, name + ".py"), encoding="utf-8") as f:
+                source = f.read()
+            self.assertIsNone(
+                _PRIVATE_IMPORT.search(source),
+                f"hermux/{name}.py imports a private name of Twisted or treq",
+            )
+
+    def test_patternFindsThem(self):
+        for line in (
+            "from twisted.web.client import URI, _HTTP11ClientFactory",
+            "from twisted.web._newclient import Request",
+            "import twisted.web._newclient",
+        ):
+            self.assertIsNotNone(_PRIVATE_IMPORT.search(line), line)
+        self.assertIsNone(_PRIVATE_IMPORT.search("from twisted.web.client import Agent"))
