@@ -11,7 +11,6 @@ import os
 import re
 import sys
 
-import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -97,6 +96,36 @@ def hermuxOptions(
     return options
 
 
+# What each harness exposes of the hermux it built, as attributes of its own.
+COMPONENTS = (
+    "site", "pool", "relay", "upstream", "metrics", "access", "throttle", "reloader", "ledger",
+)
+
+
+def assembleForTest(
+    harness, *, keys, accessTokens, ledger, requestLog, reactor, probeKeys: bool = False, **settings
+):
+    """
+    Build hermux with the real wiring for a test harness, from plain values
+    (see L{hermuxOptions} for C{settings}), and set the parts named in
+    L{COMPONENTS} as attributes of C{harness}.
+
+    @return: what L{assemble} built.
+    """
+    options = hermuxOptions(**settings)
+    options["probe-keys"] = probeKeys
+    components = assemble(
+        Configuration(tuple(keys), tuple(accessTokens)),
+        options,
+        ledger=ledger if ledger is not None else MemoryLedger(),
+        requestLog=requestLog,
+        reactor=reactor,
+    )
+    for name in COMPONENTS:
+        setattr(harness, name, getattr(components, name))
+    return components
+
+
 def closedFreePort() -> int:
     """
     A loopback port with nothing listening on it.
@@ -165,7 +194,13 @@ class Proxy:
         if upstreamBase is None:
             upstreamBase = b"%s://%s:%d" % (scheme, host, self.fakePort.getHost().port)
         self.upstreamBase = upstreamBase
-        options = hermuxOptions(
+        self.components = assembleForTest(
+            self,
+            keys=keys,
+            accessTokens=accessTokens,
+            ledger=ledger,
+            requestLog=requestLog,
+            reactor=reactor,
             upstream=upstreamBase,
             trustRoot=trustRoot,
             connectTimeout=connectTimeout,
@@ -177,23 +212,7 @@ class Proxy:
             tokensPath=tokensPath,
             allowPath=allowPath,
         )
-        self.components = assemble(
-            Configuration(tuple(keys), tuple(accessTokens)),
-            options,
-            ledger=ledger if ledger is not None else MemoryLedger(),
-            requestLog=requestLog,
-            reactor=reactor,
-        )
-        self.upstream = self.components.upstream
         testCase.addCleanup(self.upstream.stopService)
-        self.ledger = self.components.ledger
-        self.pool = self.components.pool
-        self.metrics = self.components.metrics
-        self.access = self.components.access
-        self.throttle = self.components.throttle
-        self.relay = self.components.relay
-        self.site = self.components.site
-        self.reloader = self.components.reloader
         self.port = self._listen(self.site, lambda: len(self.site.channels))
         clientPool = HTTPConnectionPool(reactor, persistent=False)
         testCase.addCleanup(clientPool.closeCachedConnections)

@@ -39,12 +39,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from hermux.config import Configuration
-from hermux.ledger import MemoryLedger
 from hermux.relay import BufferedBody
 from hermux.testing import FakeOpenRouter
-from hermux.wiring import assemble
-from tests.harness import ACCESS_TOKEN, CHAT, KEYS, chatBody, hermuxOptions
+from tests.harness import ACCESS_TOKEN, CHAT, KEYS, assembleForTest, chatBody
 
 __all__ = [
     "HERMUX_PORT",
@@ -390,7 +387,7 @@ class RawClient(Protocol):
 
 class MemoryProxy:
     """
-    A L{FakeOpenRouter} and a hermux in front of it, as L{assemble} builds
+    A L{FakeOpenRouter} and a hermux in front of it, as L{hermux.wiring.assemble} builds
     it, all on one L{MemoryReactorClock} that starts at L{NOW}.  Its
     keyword arguments are those of L{tests.harness.Proxy} that make sense in
     memory, and: C{upstreamFactory}, what serves on L{UPSTREAM_PORT} instead
@@ -401,7 +398,7 @@ class MemoryProxy:
     @ivar network: their connections.
     @ivar fake: the fake upstream, paced by C{clock}, served by a plain
         L{Site} on L{UPSTREAM_PORT}.
-    @ivar components: everything L{assemble} built; C{site}, C{pool},
+    @ivar components: everything L{hermux.wiring.assemble} built; C{site}, C{pool},
         C{relay}, C{upstream}, C{metrics}, C{access}, C{throttle},
         C{reloader} and C{ledger} are its parts.
     """
@@ -438,7 +435,14 @@ class MemoryProxy:
         if upstreamFactory is None:
             upstreamFactory = Site(self.fake, reactor=self.clock)
         self.clock.listenTCP(UPSTREAM_PORT, upstreamFactory)
-        options = hermuxOptions(
+        self.components = assembleForTest(
+            self,
+            keys=keys,
+            accessTokens=accessTokens,
+            ledger=ledger,
+            requestLog=requestLog,
+            reactor=self.clock,
+            probeKeys=probeKeys,
             upstream=upstreamBase,
             connectTimeout=connectTimeout,
             idleTimeout=idleTimeout,
@@ -449,19 +453,6 @@ class MemoryProxy:
             tokensPath=tokensPath,
             allowPath=allowPath,
         )
-        options["probe-keys"] = probeKeys
-        self.components = assemble(
-            Configuration(tuple(keys), tuple(accessTokens)),
-            options,
-            ledger=ledger if ledger is not None else MemoryLedger(),
-            requestLog=requestLog,
-            reactor=self.clock,
-        )
-        for name in (
-            "site", "pool", "relay", "upstream", "metrics", "access", "throttle",
-            "reloader", "ledger",
-        ):
-            setattr(self, name, getattr(self.components, name))
         self.clock.listenTCP(HERMUX_PORT, self.site)
         agent = Agent(self.clock, pool=HTTPConnectionPool(self.clock, persistent=False))
         self.client = HTTPClient(agent, data_to_body_producer=BufferedBody)

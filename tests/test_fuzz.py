@@ -55,7 +55,6 @@ from zope.interface import implementer
 
 from hermux._twistedinternals import clientRequest
 from hermux.access import AccessList, AuthThrottle
-from hermux.config import Key
 from hermux.keypool import KeyPool
 from hermux.relay import Relay
 from hermux.resource import FORWARDED_METHODS, buildRoot

@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseFailed
 
 from hermux.upstream import MAX_UPSTREAM_HEAD_BYTES
-from tests.harness import ACCESS_TOKEN, KEYS, SECRETS, Proxy, waitUntil
+from tests.harness import KEYS, SECRETS, Proxy, waitUntil
 from tests.memory import MemoryProxy
 from tests.rawhttp import RawUpstream
 

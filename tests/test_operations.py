@@ -29,7 +29,6 @@ from hermux.config import Key
 from hermux.keypool import Kind, State, Verdict, dayOf
 from hermux.ledger import MemoryLedger, SQLiteLedger
 from hermux.lifecycle import HermuxService
-from hermux.reload import ConfigReloader
 from tests.harness import (
     ACCESS_TOKEN,
     DEMO_TOKEN,

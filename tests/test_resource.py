@@ -6,7 +6,6 @@ stub relay that answers requests itself, so no upstream is involved.
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import treq
 from treq.testing import StubTreq
