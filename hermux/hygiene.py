@@ -10,7 +10,7 @@ cookies never go upstream; the upstream's cookies never reach a client.
 
 from __future__ import annotations
 
-__all__ = ["BadTarget", "upstreamHeaders", "copyResponseHeaders", "upstreamTarget"]
+__all__ = ["BadTarget", "originForm", "upstreamHeaders", "copyResponseHeaders", "upstreamTarget"]
 
 import re
 from urllib.parse import unquote_to_bytes
@@ -36,6 +36,9 @@ _CLIENT_ONLY = frozenset(
 )
 _UPSTREAM_ONLY = frozenset({b"set-cookie"})
 
+# RFC 9112 section 3.2.2: a request target in absolute form, as a client
+# talking to a proxy sends it.  The scheme is case-insensitive.
+_ABSOLUTE_FORM = re.compile(rb"[hH][tT][tT][pP][sS]?://[^/?#]*")
 _UNSAFE_TARGET_BYTE = re.compile(rb"[^\x21-\x7e]|#")
 _UNSAFE_SEGMENT_BYTE = re.compile(rb"[\x00-\x20\x7f/\\]")
 
@@ -90,6 +93,23 @@ def copyResponseHeaders(upstream: Headers, client: Headers) -> None:
     """
     for name, values in _passing(upstream, _UPSTREAM_ONLY):
         client.setRawHeaders(name, values)
+
+
+def originForm(target: bytes) -> bytes:
+    """
+    A request target in origin form: an absolute-form C{target}
+    (C{http://any.host/api/v1/...?q}) without its scheme and authority, so
+    that it is routed by its path and query alone, like the origin form;
+    its host, like the C{Host} header, never decides where a request goes.
+    Any other target is returned as it is.
+    """
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        return target
+    rest = target[match.end():]
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    return rest
 
 
 def upstreamTarget(prefix: bytes, uri: bytes) -> bytes:

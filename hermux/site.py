@@ -20,6 +20,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from hermux.channel import HermuxChannel
+from hermux.hygiene import originForm
 from hermux.metrics import Metrics
 from hermux.record import RequestRecord, recordOf, statusOf
 from hermux.requestlog import IRequestLog, RequestLogEvents
@@ -78,6 +79,11 @@ class HermuxRequest(server.Request):
             f"the request body is larger than the limit of "
             f"{self.channel.site.maxBody} bytes",
         )
+
+    def requestReceived(self, command, path, version):
+        # An absolute-form target is routed as the origin form it carries:
+        # Twisted would take its scheme and host for path segments.
+        super().requestReceived(command, originForm(path), version)
 
     def process(self):
         site = self.channel.site

@@ -377,10 +377,14 @@ class TargetTests(TestCase):
         )
 
     async def test_absoluteFormTarget(self):
+        """
+        An absolute-form target is routed by its path, to the configured
+        upstream: its host decides nothing.
+        """
         proxy = Proxy(self)
         answer = await self._raw(proxy, b"http://evil.example/api/v1/models")
-        self.assertEqual(statusOf(answer), 404)
-        self.assertEqual(proxy.fake.received, [])
+        self.assertEqual(statusOf(answer), 200)
+        self.assertEqual([r.uri for r in proxy.fake.received], [b"/api/v1/models"])
 
     async def test_hostHeader(self):
         """

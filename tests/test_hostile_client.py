@@ -224,10 +224,16 @@ class TargetTests(HostileTestCase):
     or lets a request leave /api/.
     """
 
-    TARGETS = (
+    # Absolute-form targets (RFC 9112 section 3.2.2): routed by their path
+    # and query, to the configured upstream.
+    ABSOLUTE = (
         b"http://evil.invalid/api/v1/models",
         b"https://evil.invalid:443/api/v1/models",
         b"http://127.0.0.1:1/api/v1/models",
+        b"HTTP://user:pass@evil.invalid/api/v1/models",
+    )
+
+    TARGETS = (
         b"//evil.invalid/api/v1/models",
         b"/@evil.invalid/api/v1/models",
         b"@evil.invalid/api/v1/models",
@@ -262,6 +268,25 @@ class TargetTests(HostileTestCase):
                     self.assertError(answer, 400, 404, 405)
         self.assertEqual(self.upstream.requests, [])
         await self.assertStillServing(proxy)
+
+    async def test_absoluteFormGoesToTheUpstream(self):
+        """
+        An absolute-form target's host decides nothing: the request goes to
+        the configured upstream, with its Host, as its path.
+        """
+        proxy = self.proxy()
+        for target in self.ABSOLUTE:
+            answer = await self.exchange(
+                proxy,
+                b"GET " + target + b" HTTP/1.1\r\nHost: evil.invalid\r\n"
+                + AUTHORIZATION + b"Connection: close\r\n\r\n",
+            )
+            self.assertEqual(splitResponse(answer)[0], 200, target)
+        self.assertEqual(
+            [r.target for r in self.upstream.requests], [b"/api/v1/models"] * len(self.ABSOLUTE)
+        )
+        for received in self.upstream.requests:
+            self.assertEqual(received.values(b"Host"), [self.upstream.base.split(b"//")[1]])
 
     async def test_hostHeadersAreNotUsed(self):
         """
