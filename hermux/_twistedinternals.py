@@ -18,6 +18,7 @@ from typing import Callable
 from twisted.internet.protocol import Factory
 from twisted.web import http
 from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol, ParseError, Request
+from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
@@ -186,7 +187,8 @@ class HTTPChannelHooks(http.HTTPChannel):
     """
     L{http.HTTPChannel} with public names for what hermux changes or calls
     among its private methods and attributes; a subclass overrides
-    L{requestMalformed} and L{sendContinue}, and calls L{abortLater}.
+    L{requestMalformed} and L{sendContinue}, and calls L{abortLater} and
+    L{trailerLines}.
     """
 
     def requestMalformed(self) -> None:
@@ -237,3 +239,24 @@ class HTTPChannelHooks(http.HTTPChannel):
         """
         if self._abortingCall is None and self.abortTimeout is not None:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    def trailerLines(self) -> list[bytes]:
+        """
+        The trailer section of the chunked request body just read: each line
+        between the last chunk and the empty line that ends the body, as the
+        client sent it but for its CRLF; none for a body that is not chunked.
+        Valid in C{allContentReceived}, before Twisted's resets the channel
+        for the next request.
+
+        Private: C{HTTPChannel._transferDecoder}, the request body's decoder
+        until then, L{_ChunkedTransferDecoder}, and its C{_trailerHeaders},
+        where it keeps those lines.  Why: Twisted reads the trailer section
+        but checks none of it (any bytes up to a CRLF make a line: a bare CR
+        or LF, no colon, a pipelined request's head) and hands none of it to
+        L{http.Request} or anything else public, so nothing public can
+        refuse what a front proxy may have read as the next request.
+        """
+        decoder = self._transferDecoder
+        if not isinstance(decoder, _ChunkedTransferDecoder):
+            return []
+        return [bytes(line) for line in decoder._trailerHeaders]

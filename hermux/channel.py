@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_site,tests.test_hostile_client -*-
+# -*- test-case-name: tests.test_site,tests.test_hostile_client,tests.test_framing -*-
 """
 The connection to a client: stricter than Twisted's about what it accepts
 (see L{HermuxChannel}), counted and bounded by its site, and answering every
@@ -26,6 +26,10 @@ MAX_HEADERS = 100
 # allow in a field value.  Twisted refuses only NUL, CR and LF.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
+# A trailer line as RFC 9112 (section 7.1.2) has it: a field line, a token
+# for its name and a value without control characters other than HTAB.
+_TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*")
+
 
 def peerText(address) -> str:
     """
@@ -47,6 +51,13 @@ class HermuxChannel(HTTPChannelHooks):
         with more than L{MAX_HEADERS} header lines 431;
       - obsolete line folding, and control characters in a header value,
         get 400 rather than being joined or passed upstream;
+      - a Transfer-Encoding other than one C{chunked} (C{identity}, which
+        Twisted ignores, a list of codings, a second Transfer-Encoding
+        line) gets 400, as RFC 9112 (section 6.1) has a server answer a
+        coding it does not decode: hermux decodes C{chunked} only;
+      - a trailer line after the last chunk that is not C{name: value}
+        (a bare CR or LF in it, no colon: a pipelined request's head, say)
+        gets 400 rather than being skipped as Twisted does;
       - a request whose head and body have not all arrived within the
         site's C{timeOut} of its first byte gets 408, however steadily it
         trickles in (the idle timeout alone restarts with every byte);
@@ -71,6 +82,7 @@ class HermuxChannel(HTTPChannelHooks):
     _inHead = False
     _headBytes = 0
     _headLines = 0
+    _transferEncodings = 0
     _deadline = None
     # Between a request's last byte and its answer's: bytes that arrive
     # meanwhile are the next request's, which Twisted holds until then.
@@ -115,6 +127,7 @@ class HermuxChannel(HTTPChannelHooks):
                 self._inHead = True
                 self._headBytes = len(line)
                 self._headLines = 0
+                self._transferEncodings = 0
                 if self._headBytes > MAX_HEAD_BYTES:
                     return self._requestLineTooLong()
         else:
@@ -131,9 +144,22 @@ class HermuxChannel(HTTPChannelHooks):
                 self._headLines += 1
                 if self._headLines > MAX_HEADERS:
                     return self._headTooLarge()
-                value = line.partition(b":")[2].strip(b" \t")
+                name, _, value = line.partition(b":")
+                value = value.strip(b" \t")
                 if _CONTROL.search(value):
                     return self.refuse(400, "a header value contains control characters")
+                if name.lower() == b"transfer-encoding":
+                    # Checked here, before Twisted sees it: Twisted ignores
+                    # identity, so the body is framed by Content-Length, or
+                    # by chunked on another line, or read as the next
+                    # request.
+                    self._transferEncodings += 1
+                    if self._transferEncodings > 1:
+                        return self.refuse(400, "the request has more than one Transfer-Encoding header")
+                    if value.lower() != b"chunked":
+                        return self.refuse(
+                            400, "the only Transfer-Encoding hermux accepts is chunked, alone"
+                        )
         return super().lineReceived(line)
 
     def lineLengthExceeded(self, line):
@@ -154,6 +180,11 @@ class HermuxChannel(HTTPChannelHooks):
     def allContentReceived(self):
         if self.refused:
             return
+        for line in self.trailerLines():
+            if not _TRAILER_LINE.fullmatch(line):
+                return self.refuse(
+                    400, "a trailer line after the last chunk is not a header field (name: value)"
+                )
         self._stopDeadline()
         self._answering = True
         super().allContentReceived()

@@ -25,6 +25,7 @@ from twisted.web._newclient import (
     Request,
 )
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
+from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers
 
 from hermux._twistedinternals import (
@@ -388,3 +389,67 @@ class ChannelTests(SynchronousTestCase):
         channel.abortTimeout = None
         channel.abortLater()
         self.assertEqual(channel.clock.getDelayedCalls(), [])
+
+
+class _ContentChannel(_Channel):
+    """
+    A channel that notes, when a request's body is all in, its body decoder,
+    the decoder's trailer lines, and L{HTTPChannelHooks.trailerLines}.
+    """
+
+    def allContentReceived(self):
+        decoder = self._transferDecoder
+        self.calls.append(
+            (
+                type(decoder),
+                list(getattr(decoder, "_trailerHeaders", [])),
+                self.trailerLines(),
+            )
+        )
+        super().allContentReceived()
+
+
+class TrailerTests(SynchronousTestCase):
+    def test_HTTPChannel__transferDecoder_ChunkedTransferDecoder__trailerHeaders(self):
+        """
+        While C{allContentReceived} runs, the channel's C{_transferDecoder}
+        is the chunked body's L{_ChunkedTransferDecoder}, whose
+        C{_trailerHeaders} holds each trailer line without its CRLF, whatever
+        it contains; Twisted's C{allContentReceived} resets it.
+        """
+        channel, transport = _channel(_ContentChannel)
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\n{}\r\n0\r\nX-A: 1\r\nGET /x HTTP/1.1\r\nX-B: 1\nX-C\r2\r\n\r\n"
+        )
+        [(decoderType, trailers, lines)] = channel.calls
+        self.assertIs(decoderType, _ChunkedTransferDecoder)
+        self.assertEqual(trailers, [b"X-A: 1", b"GET /x HTTP/1.1", b"X-B: 1\nX-C\r2"])
+        self.assertIsNone(channel._transferDecoder)
+        self.assertFalse(transport.disconnecting)
+
+    def test_trailerLines(self):
+        """
+        L{HTTPChannelHooks.trailerLines} is the trailer section of a chunked
+        body as bytes, empty for a chunked body without one and for a body
+        framed by Content-Length or a request without a body.
+        """
+        channel, transport = _channel(_ContentChannel)
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\nX-A: 1\r\nX-B\r\n\r\n"
+        )
+        [(_, _, lines)] = channel.calls
+        self.assertEqual(lines, [b"X-A: 1", b"X-B"])
+        self.assertEqual({type(line) for line in lines}, {bytes})
+
+        for request in (
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}",
+            b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+        ):
+            channel, transport = _channel(_ContentChannel)
+            channel.dataReceived(request)
+            [(_, _, lines)] = channel.calls
+            self.assertEqual(lines, [], request)
+
