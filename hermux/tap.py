@@ -42,6 +42,19 @@ def _notNegative(text):
 _notNegative.coerceDoc = "A whole number, 0 or more."
 
 
+def _notNegativeSeconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ValueError("must be a number of seconds, 0 or more")
+    return value
+
+
+_notNegativeSeconds.coerceDoc = "Seconds, 0 or more."
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -146,6 +159,15 @@ class Options(usage.Options):
             "Failed access tokens allowed per client address per minute "
             "before that address gets 429 (0: no limit).",
             _notNegative,
+        ],
+        [
+            "probe-interval",
+            None,
+            900.0,
+            "Seconds between asking the upstream (GET /api/v1/key, no quota) "
+            "whether keys it refused are accepted again; every key's count is "
+            "also checked hourly (0: neither).",
+            _notNegativeSeconds,
         ],
     ]
 

@@ -111,8 +111,12 @@ def assemble(
     if options["demo"]:
         demo = DemoUpstream(upstream, [key.token for key in configuration.keys], reactor=reactor)
         services.append(("demo", demo))
-    if options["probe-keys"]:
-        services.append(("probe", KeyProbe(pool, upstream, reactor=reactor)))
+    if options["probe-keys"] or options["probe-interval"]:
+        probe = KeyProbe(
+            pool, upstream, atStart=options["probe-keys"], interval=options["probe-interval"],
+            reactor=reactor,
+        )
+        services.append(("probe", probe))
     services.append(("reloader", reloader))
 
     return Components(

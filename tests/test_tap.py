@@ -27,6 +27,7 @@ from treq.client import HTTPClient
 from zope.interface import implementer
 
 from hermux.keypool import KeyPool
+from hermux.probe import KeyProbe
 from hermux.requestlog import RequestLogFile, RequestLogEvents
 from hermux.tap import DEFAULT_LISTEN, Options, makeService
 from hermux.testing import FakeOpenRouter, fakeSite
@@ -243,6 +244,45 @@ class AccessLogOptionTests(SynchronousTestCase):
         )
         stop = self.assertRaises(SystemExit, makeService, options)
         self.assertEqual(str(stop.code), f"hermux: --access-log {path}: No such file or directory")
+
+
+class ProbeIntervalOptionTests(SynchronousTestCase):
+    """
+    --probe-interval: how often the keys the upstream refused are asked
+    about again (and every key's count hourly); 0 turns that off.
+    """
+
+    def service(self, *args):
+        tokens, allow = writeConfiguration(self)
+        options = parseOptions("--tokens", tokens, "--allow", allow, "--state", self.mktemp(), *args)
+        return options, makeService(options)
+
+    def test_default(self):
+        options, service = self.service()
+        self.assertEqual(options["probe-interval"], 900.0)
+        probe = service.getServiceNamed("probe")
+        self.assertIsInstance(probe, KeyProbe)
+        self.assertEqual((probe.interval, probe.atStart), (900.0, False))
+
+    def test_value(self):
+        options, service = self.service("--probe-interval", "60.5", "--probe-keys")
+        probe = service.getServiceNamed("probe")
+        self.assertEqual((probe.interval, probe.atStart), (60.5, True))
+
+    def test_zeroTurnsItOff(self):
+        options, service = self.service("--probe-interval", "0")
+        self.assertEqual(options["probe-interval"], 0.0)
+        self.assertNotIn("probe", [s.name for s in service])
+        options, service = self.service("--probe-interval", "0", "--probe-keys")
+        self.assertEqual(service.getServiceNamed("probe").interval, 0.0)
+
+    def test_bad(self):
+        inDirectoryWithConfiguration(self)
+        for value in ("-1", "often", "nan", "inf"):
+            error = self.assertRaises(usage.UsageError, parseOptions, "--probe-interval", value)
+            self.assertEqual(
+                str(error), "Parameter type enforcement failed: must be a number of seconds, 0 or more"
+            )
 
 
 class ServiceTests(SynchronousTestCase):
