@@ -87,6 +87,9 @@ class Kind(Enum):
     OK = "ok"
     ERROR = "error"  # the request failed, but not because of the key
     BUSY = "busy"  # rate limited for reasons that are not the key's
+    # This request costs more than any one budget allows: not the key's
+    # fault, but another account's budget may be larger (tried once).
+    OVER_BUDGET = "over_budget"
     COOLING = "cooling"
     EXHAUSTED = "exhausted"
     DISABLED = "disabled"
@@ -100,11 +103,15 @@ class Verdict:
     @ivar until: when a cooling, exhausted or disabled key is usable again
         (L{None} for a disabled key: until the configuration is reloaded).
     @ivar reason: for the log and C{/hermux/keys}: why.
+    @ivar cause: a short name for what the answer said (C{"credits"},
+        C{"key_limit"}, ...), by which the relay tells answers of the same
+        kind apart from others.
     """
 
     kind: Kind
     until: float | None = None
     reason: str | None = None
+    cause: str | None = None
 
     @property
     def penalizes(self) -> bool:
@@ -336,7 +343,7 @@ class KeyPool(Service):
         if kind in (Kind.BUSY, Kind.COOLING, Kind.EXHAUSTED):
             account.rateLimited += 1
             self._ledger.record(self._day, key.name, rateLimited=1)
-        elif kind in (Kind.ERROR, Kind.DISABLED):
+        elif kind in (Kind.ERROR, Kind.OVER_BUDGET, Kind.DISABLED):
             account.errors += 1
             self._ledger.record(self._day, key.name, errors=1)
         if kind is Kind.COOLING:
@@ -417,42 +424,3 @@ class KeyPool(Service):
         """
         now = self._now()
         return [account.status(now) for account in self._accounts.values()]
-
-    # The key prober's (hermux.probe): keys refused until a reload, and
-    # their coming back.
-
-    def disabledKeys(self) -> dict[Key, str | None]:
-        """
-        The keys disabled until the configuration is reloaded (refused by
-        the upstream: 401, 403), with why; not those disabled until a time
-        (402, until midnight).
-        """
-        now = self._now()
-        return {
-            account.key: account.disabledReason
-            for account in self._accounts.values()
-            if account.state(now) is State.DISABLED and account.disabledUntil is None
-        }
-
-    def reinstate(self, key: Key, reason: str) -> bool:
-        """
-        Make C{key}, disabled until a reload, usable again because of
-        C{reason} (the upstream accepts it again); its counts and any
-        cooling or exhausted state stay.  Return whether it was reinstated:
-        not if it is not disabled until a reload, or was removed or
-        replaced by a reload meanwhile.
-        """
-        if key not in self.disabledKeys():
-            return False
-        account = self._accounts[key.name]
-        account.disabled = False
-        account.disabledUntil = None
-        account.disabledReason = None
-        now = self._now()
-        self._log.info(
-            "key {key} is {state} again: {reason}",
-            key=key.name,
-            state=account.state(now).value,
-            reason=reason,
-        )
-        return True

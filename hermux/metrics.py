@@ -73,7 +73,10 @@ class Metrics:
         )
         self.retries = Counter(
             "hermux_retries",
-            "Requests sent again with another key, by what the first key's answer meant.",
+            "Requests sent again with another key, by what the key's answer meant "
+            "(cooling, exhausted, disabled, over_budget); and requests not sent again "
+            "though the answer asked for it (stopped_breaker: two keys gave the same "
+            "kind of answer; stopped_over_budget: two keys found the request too costly).",
             ["reason"],
             registry=self.registry,
         )

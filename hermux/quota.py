@@ -1,29 +1,50 @@
-# -*- test-case-name: tests.test_quota -*-
+# -*- test-case-name: tests.test_quota,tests.test_verdicts -*-
 """
 What OpenRouter's answers say about the key that got them.
 
-OpenRouter answers a rate-limited request with 429 and a body such as
+Only OpenRouter's own error shape, C{{"error": {"code": N, ...}}} with N
+equal to the status, can say anything against a key: an HTML page from a
+CDN or a firewall, an empty body or another JSON shape is passed to the
+client as it is and changes no key's state.  Where OpenRouter types its
+error (C{error.metadata.error_type}), the type must be the status's own
+(L{ERROR_TYPES}); C{error.metadata.limit_source} then says whose limit it
+is.  The verdicts, one per row of README's key-state table:
 
-    {"error": {"code": 429,
-               "message": "Rate limit exceeded: free-models-per-day. ...",
-               "metadata": {"headers": {"X-RateLimit-Limit": "50",
-                                        "X-RateLimit-Remaining": "0",
-                                        "X-RateLimit-Reset": "1743638400000"}}}}
-
-where the reset time (epoch milliseconds) may also, or only, come as a
-response header.  The message tells the per-day cap from the per-minute one;
-C{metadata.limit_source} C{openrouter_shared_capacity} ("High demand for
-...") means a popular model is busy for everyone, which is not the key's
-fault.  401 means an invalid or disabled key, 402 a negative balance, and
-403 either a refused key or, with moderation metadata, a flagged input.
+  - 429 with OpenRouter's C{X-RateLimit-*} headers (in the response or
+    copied into C{metadata.headers}) is the platform's limit for the key's
+    account: C{free-models-per-day} exhausts the key until the reset, any
+    other cools it until the reset (else C{Retry-After}, else a minute).
+  - 429 without them is the provider's limit or capacity (as is
+    C{openrouter_shared_capacity}, "High demand for ..."): another key would
+    meet the same provider, so no penalty and no retry.
+  - 402 C{openrouter_in_flight_budget} cools the key until C{Retry-After}
+    (else 10 s); 402 C{openrouter_credits} about this request's own
+    estimated cost, larger than the whole budget, is L{Kind.OVER_BUDGET}
+    (no penalty; one other key may try); any other 402 (out of credits, a
+    negative balance) disables the key until the next 00:00 UTC.
+  - 403 with C{limit_source} C{openrouter_key_limit},
+    C{openrouter_guardrail_budget} or C{openrouter_workspace_budget}
+    exhausts the key until C{resets_at}; any other 403 (moderation,
+    C{permission_denied}) is the request's, passed through.
+  - 401 disables the key until the configuration is reloaded.
 """
 
 from __future__ import annotations
 
-__all__ = ["KEY_STATUSES", "COOLING_DEFAULT", "COOLING_LONGEST", "EXHAUSTED_LONGEST", "classify"]
+__all__ = [
+    "KEY_STATUSES",
+    "ERROR_TYPES",
+    "KEY_LIMIT_SOURCES",
+    "COOLING_DEFAULT",
+    "IN_FLIGHT_COOLING_DEFAULT",
+    "COOLING_LONGEST",
+    "EXHAUSTED_LONGEST",
+    "classify",
+]
 
 import json
 import math
+from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 from twisted.web.http_headers import Headers
@@ -34,9 +55,27 @@ from hermux.keypool import ERROR, OK, Kind, Verdict, nextMidnight
 # that another key should be tried.
 KEY_STATUSES = frozenset({401, 402, 403, 429})
 
+# OpenRouter's error_type for each of them.
+ERROR_TYPES = {
+    401: "authentication",
+    402: "payment_required",
+    403: "permission_denied",
+    429: "rate_limit_exceeded",
+}
+
+# 403 limit sources that are the key's own limits, and what each is.
+KEY_LIMIT_SOURCES = {
+    "openrouter_key_limit": "the key's credit limit",
+    "openrouter_guardrail_budget": "the key's guardrail budget",
+    "openrouter_workspace_budget": "the workspace's budget",
+}
+
 COOLING_DEFAULT = 60.0
+IN_FLIGHT_COOLING_DEFAULT = 10.0
 COOLING_LONGEST = 3600.0
 EXHAUSTED_LONGEST = 25 * 3600.0
+
+_RATE_LIMIT_HEADERS = frozenset({"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"})
 
 
 def classify(status: int, headers: Headers, body: bytes, now: float) -> Verdict:
@@ -48,28 +87,46 @@ def classify(status: int, headers: Headers, body: bytes, now: float) -> Verdict:
         return OK
     if status not in KEY_STATUSES:
         return ERROR
-    error = _errorObject(body)
-    if status == 429:
-        return _rateLimited(headers, error, now)
-    if status == 401:
-        return Verdict(Kind.DISABLED, None, "the upstream says the key is invalid or disabled (401)")
-    if status == 402:
-        return Verdict(
-            Kind.DISABLED, nextMidnight(now), "the account is out of credits (402)"
-        )
+    error = _openRouterError(status, body)
+    if error is None:
+        return ERROR  # not OpenRouter's own answer: nothing is known of the key
     metadata = _metadata(error)
-    if "reasons" in metadata or "flagged_input" in metadata:
-        return ERROR  # the client's input was flagged: any key would get the same
-    return Verdict(Kind.DISABLED, None, "the upstream refused the key (403)")
+    errorType = metadata.get("error_type")
+    if errorType is not None and errorType != ERROR_TYPES[status]:
+        return ERROR  # OpenRouter says it is something else than the status says
+    if status == 429:
+        return _rateLimited(headers, error, metadata, now)
+    if status == 402:
+        return _paymentRequired(headers, error, metadata, now)
+    if status == 403:
+        return _forbidden(metadata, now)
+    # OpenRouter's own 401s ("User not found.", "No auth credentials found")
+    # often carry no metadata at all: the error shape with code 401 is
+    # enough, since an invalid key is the key's.
+    return Verdict(
+        Kind.DISABLED,
+        None,
+        "OpenRouter says the key is invalid or disabled (401)",
+        cause="authentication",
+    )
 
 
-def _errorObject(body: bytes) -> dict:
+def _openRouterError(status: int, body: bytes) -> dict | None:
+    """
+    The C{error} object of an answer in OpenRouter's error shape for
+    C{status}, or L{None} if the answer is in another shape.
+    """
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):
-        return {}
+        return None
     error = parsed.get("error") if isinstance(parsed, dict) else None
-    return error if isinstance(error, dict) else {}
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code")
+    if isinstance(code, bool) or not isinstance(code, int) or code != status:
+        return None
+    return error
 
 
 def _metadata(error: dict) -> dict:
@@ -77,22 +134,35 @@ def _metadata(error: dict) -> dict:
     return metadata if isinstance(metadata, dict) else {}
 
 
-def _rateLimited(headers: Headers, error: dict, now: float) -> Verdict:
+def _message(error: dict) -> str:
     message = error.get("message")
-    message = message if isinstance(message, str) else ""
-    metadata = _metadata(error)
+    return message if isinstance(message, str) else ""
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _rateLimited(headers: Headers, error: dict, metadata: dict, now: float) -> Verdict:
+    message = _message(error)
     if (
-        metadata.get("limit_source") == "openrouter_shared_capacity"
+        _text(metadata.get("limit_source")) == "openrouter_shared_capacity"
         or "high demand" in message.lower()
     ):
         return Verdict(Kind.BUSY, None, "the model is in high demand (shared capacity)")
+    if not _platformLimit(headers, metadata):
+        # OpenRouter sends X-RateLimit-* with its own limits only: this is
+        # the provider's limit or capacity, which any other key would meet.
+        return Verdict(Kind.BUSY, None, "the provider's rate limit or capacity (429)")
     reset = _resetTime(headers, metadata)
     if "free-models-per-day" in message:
         if reset is not None and reset > now:
             until = min(reset, now + EXHAUSTED_LONGEST)
         else:
             until = nextMidnight(now)
-        return Verdict(Kind.EXHAUSTED, until, "the daily free-model requests are used up (429)")
+        return Verdict(
+            Kind.EXHAUSTED, until, "the daily free-model requests are used up (429)", cause="per_day"
+        )
     if reset is None or reset <= now:
         reset = _retryAfter(headers, now)
     if reset is None or reset <= now:
@@ -102,7 +172,112 @@ def _rateLimited(headers: Headers, error: dict, now: float) -> Verdict:
         Kind.COOLING,
         min(reset, now + COOLING_LONGEST),
         f"rate limited by {limit} limit (429)",
+        cause="per_minute",
     )
+
+
+def _platformLimit(headers: Headers, metadata: dict) -> bool:
+    """
+    Whether OpenRouter's X-RateLimit-* headers came with the answer, as
+    response headers or copied into the error's metadata.
+    """
+    for name in _RATE_LIMIT_HEADERS:
+        if headers.hasHeader(name.encode("ascii")):
+            return True
+    copied = metadata.get("headers")
+    if isinstance(copied, dict):
+        return any(str(name).lower() in _RATE_LIMIT_HEADERS for name in copied)
+    return False
+
+
+def _paymentRequired(headers: Headers, error: dict, metadata: dict, now: float) -> Verdict:
+    source = _text(metadata.get("limit_source"))
+    if source == "openrouter_in_flight_budget":
+        until = _retryAfter(headers, now)
+        if until is None or until <= now:
+            until = now + IN_FLIGHT_COOLING_DEFAULT
+        return Verdict(
+            Kind.COOLING,
+            min(until, now + COOLING_LONGEST),
+            "the account's in-flight budget is taken for now (402 openrouter_in_flight_budget)",
+            cause="in_flight_budget",
+        )
+    if source == "openrouter_credits" and _costExceedsBudget(error, metadata):
+        return Verdict(
+            Kind.OVER_BUDGET,
+            None,
+            "this request's estimated cost is larger than the whole budget (402)",
+            cause="over_budget",
+        )
+    return Verdict(
+        Kind.DISABLED,
+        nextMidnight(now),
+        "the account is out of credits or its balance is negative (402)",
+        cause="credits",
+    )
+
+
+def _costExceedsBudget(error: dict, metadata: dict) -> bool:
+    """
+    Whether a 402 is about this one request's estimated cost rather than
+    the account's state: OpenRouter says retrying will not help, or its
+    metadata gives an estimated cost above the budget.  Conservative: any
+    doubt reads as the account's state.
+    """
+    if "retrying will not help" in _message(error).lower():
+        return True
+    cost = _number(metadata.get("estimated_cost"))
+    budget = _number(metadata.get("in_flight_budget", metadata.get("budget")))
+    return cost is not None and budget is not None and cost > budget
+
+
+def _forbidden(metadata: dict, now: float) -> Verdict:
+    source = _text(metadata.get("limit_source"))
+    if source not in KEY_LIMIT_SOURCES:
+        # Moderation, permission_denied (a model or provider the account
+        # may not use): any key would be refused the same request.
+        return ERROR
+    resets = _resetsAt(metadata.get("resets_at"))
+    if resets is not None and resets > now:
+        until = min(resets, now + EXHAUSTED_LONGEST)
+    else:
+        until = nextMidnight(now)
+    return Verdict(
+        Kind.EXHAUSTED,
+        until,
+        f"{KEY_LIMIT_SOURCES[source]} is reached (403 {source})",
+        cause=source.removeprefix("openrouter_"),
+    )
+
+
+def _resetsAt(value) -> float | None:
+    """
+    A C{resets_at}, as ISO 8601 (UTC if it names no zone) or as epoch
+    seconds or milliseconds, as POSIX time; L{None} if it is neither.
+    """
+    number = _number(value)
+    if number is None and isinstance(value, str):
+        number = _finite(value.strip()) if value.strip().isdigit() else None
+        if number is None:
+            try:
+                when = datetime.fromisoformat(value.strip())
+                if when.tzinfo is None:
+                    when = when.replace(tzinfo=timezone.utc)
+                number = when.timestamp()
+            except (ValueError, OverflowError, OSError):
+                return None
+    if number is None:
+        return None
+    return number / 1000 if number > 1e11 else number
+
+
+def _number(value) -> float | None:
+    """
+    A JSON number (not a boolean) as a finite float, else L{None}.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return _finite(value)
 
 
 def _resetTime(headers: Headers, metadata: dict) -> float | None:

@@ -10,7 +10,8 @@ aborts the upstream request.
 
 An answer that says the key cannot serve (see L{hermux.quota}) is read
 whole, and the request is sent again with another key, while nothing has
-reached the client yet.
+reached the client yet; a breaker per request (L{_Breaker}) stops that after
+two keys gave the same kind of answer, and passes the last one on.
 
 The relay serves any twisted.web request, and notes in its record (see
 L{hermux.record}) the key that served it and how the exchange ended.
@@ -42,7 +43,7 @@ from zope.interface import implementer
 from hermux.config import Key
 from hermux.errors import writeError
 from hermux.hygiene import copyResponseHeaders, upstreamHeaders
-from hermux.keypool import ERROR, KeyPool, NoKeyAvailable
+from hermux.keypool import ERROR, KeyPool, Kind, NoKeyAvailable, Verdict
 from hermux.metrics import Metrics
 from hermux.quota import KEY_STATUSES, classify
 from hermux.record import recordOf
@@ -230,6 +231,43 @@ class _TooLong(Exception):
     """
 
 
+class _Breaker:
+    """
+    How far one client request may go through the pool: at most
+    L{SAME_KIND_LIMIT} keys penalized for the same kind of answer (other
+    than a 429, which is about each key's own account), and one more key
+    for a request too costly for a budget.  However the answers are
+    classified, one request cannot take the whole pool out of service.
+    """
+
+    SAME_KIND_LIMIT = 2
+
+    def __init__(self):
+        self._penalized: dict[tuple[int, str], int] = {}
+        self._overBudget = 0
+
+    def stops(self, status: int, verdict: Verdict) -> tuple[str, str] | None:
+        """
+        Count an answer that would have another key try; L{None} if one may,
+        else the C{hermux_retries_total} reason and a sentence saying why not.
+        """
+        if verdict.kind is Kind.OVER_BUDGET:
+            self._overBudget += 1
+            if self._overBudget < 2:
+                return None
+            return "stopped_over_budget", "two keys found the request too costly for their budget"
+        if status == 429:
+            return None
+        kind = (status, verdict.cause or verdict.kind.value)
+        self._penalized[kind] = self._penalized.get(kind, 0) + 1
+        if self._penalized[kind] < self.SAME_KIND_LIMIT:
+            return None
+        return (
+            "stopped_breaker",
+            f"{self._penalized[kind]} keys gave the same answer ({status} {kind[1]})",
+        )
+
+
 class Relay:
     """
     Forwards requests to an L{Upstream} with keys from a L{KeyPool}, and
@@ -237,7 +275,8 @@ class Relay:
 
     When the upstream answers that the key cannot serve (rate limited, out
     of credits, refused) before any byte went to the client, the same
-    request is sent again with the next best key, each key at most once.
+    request is sent again with the next best key, each key at most once,
+    and at most two keys for the same kind of answer (see L{_Breaker}).
 
     @ivar idleTimeout: seconds without a byte from the upstream, from sending
         a request to the end of its response, after which hermux gives up.
@@ -287,6 +326,7 @@ class _Exchange:
         self._target = target
         self._clientGone = False
         self._watchdog: _Watchdog | None = None
+        self._breaker = _Breaker()
 
     def clientWentAway(self, reason, running: Deferred) -> None:
         # The request's own end says so in its record (see
@@ -340,21 +380,36 @@ class _Exchange:
             return False
         verdict = classify(response.code, response.headers, body, self._now())
         self._relay.pool.report(key, verdict)
-        if not verdict.penalizes:
-            self._sendHead(response, key, len(body))
-            self._request.write(body)
-            self._request.finish()
-            return False
-        self._relay.metrics.retries.labels(verdict.kind.value).inc()
-        self._log.info(
-            "{requestId} {method} {path}: key {key} cannot serve ({reason}); trying another",
-            requestId=self._record.requestId,
-            method=self._request.method.decode("ascii", "replace"),
-            path=self._request.path.decode("ascii", "replace"),
-            key=key.name,
-            reason=verdict.reason,
-        )
-        return True
+        if verdict.penalizes or verdict.kind is Kind.OVER_BUDGET:
+            stopped = self._breaker.stops(response.code, verdict)
+            if stopped is None:
+                self._relay.metrics.retries.labels(verdict.kind.value).inc()
+                self._log.info(
+                    "{requestId} {method} {path}: key {key} cannot serve ({reason}); trying another",
+                    requestId=self._record.requestId,
+                    method=self._request.method.decode("ascii", "replace"),
+                    path=self._request.path.decode("ascii", "replace"),
+                    key=key.name,
+                    reason=verdict.reason,
+                )
+                return True
+            label, why = stopped
+            self._relay.metrics.retries.labels(label).inc()
+            self._record.outcome = f"retries stopped: {why}"
+            self._log.warn(
+                "{requestId} {method} {path}: key {key} cannot serve ({reason}); "
+                "not trying another: {why}",
+                requestId=self._record.requestId,
+                method=self._request.method.decode("ascii", "replace"),
+                path=self._request.path.decode("ascii", "replace"),
+                key=key.name,
+                reason=verdict.reason,
+                why=why,
+            )
+        self._sendHead(response, key, len(body))
+        self._request.write(body)
+        self._request.finish()
+        return False
 
     def _now(self) -> float:
         return self._relay.reactor.seconds()

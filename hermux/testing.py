@@ -11,6 +11,9 @@ Any L{twisted.web.server.Site} serves it:
     reactor.listenTCP(0, Site(fake), interface="127.0.0.1")
     fake.stallNext()                      # the next request never gets an answer
     fake.answerNext(429, {"error": ...}, key="sk-test-1", times=None)
+    fake.platformLimitNext(perDay=True)   # OpenRouter's own refusals, as it
+    fake.paymentRequiredNext("credits")   # words them (and forbiddenNext,
+                                          # providerLimitNext, htmlForbiddenNext)
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = ["FAKE_ANSWER", "FAKE_MODEL", "FakeOpenRouter", "ReceivedRequest", "fa
 import itertools
 import json
 from collections import Counter
+from datetime import datetime, timezone
 from collections.abc import Iterable
 
 import attr
@@ -138,6 +142,200 @@ class FakeOpenRouter(Resource):
             for name, value in (headers or {}).items():
                 request.setHeader(name.encode("ascii"), value.encode("ascii"))
             return body
+
+        self._script(answer, key, times)
+
+    # OpenRouter's own refusals, with the bodies and headers it sends (see
+    # hermux.quota).  Times are relative to the fake's reactor when answered.
+
+    def _answerAt(self, build, key, times):
+        """
+        Answer with C{build(now)}: a status, a JSON-encodable body and a
+        dict of headers.
+        """
+
+        def answer(request, received):
+            status, body, headers = build(self._reactor.seconds())
+            request.setResponseCode(status)
+            request.setHeader(b"Content-Type", b"application/json")
+            for name, value in headers.items():
+                request.setHeader(name.encode("ascii"), value.encode("ascii"))
+            return json.dumps(body).encode("utf-8")
+
+        self._script(answer, key, times)
+
+    def platformLimitNext(self, *, perDay=True, resetIn=None, inBody=True, key=None, times=1):
+        """
+        OpenRouter's own rate limit: 429 C{free-models-per-day} (or
+        C{free-models-per-min} if not C{perDay}) with C{X-RateLimit-*}, both
+        as response headers and (if C{inBody}) copied into the error's
+        metadata.  The reset is C{resetIn} seconds away (the next 00:00 UTC
+        for a daily limit, a minute's end otherwise, if L{None}).
+        """
+
+        def build(now):
+            if resetIn is not None:
+                reset = now + resetIn
+            elif perDay:
+                reset = (int(now // 86400) + 1) * 86400
+            else:
+                reset = (int(now // 60) + 1) * 60
+            limits = {
+                "X-RateLimit-Limit": "50" if perDay else "20",
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset": str(int(reset * 1000)),
+            }
+            message = (
+                "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock "
+                "1000 free model requests per day"
+                if perDay
+                else "Rate limit exceeded: free-models-per-min."
+            )
+            metadata = {"error_type": "rate_limit_exceeded"}
+            if inBody:
+                metadata["headers"] = limits
+            error = {"code": 429, "message": message, "metadata": metadata}
+            return 429, {"error": error}, limits
+
+        self._answerAt(build, key, times)
+
+    def providerLimitNext(self, *, retryAfter=None, key=None, times=1):
+        """
+        The upstream provider's rate limit or capacity, relayed by
+        OpenRouter: 429 without C{X-RateLimit-*}, naming the provider, with
+        C{Retry-After: retryAfter} if given.
+        """
+
+        def build(now):
+            error = {
+                "code": 429,
+                "message": "Provider returned error",
+                "metadata": {
+                    "raw": "hermux/fake-model is temporarily rate-limited upstream. "
+                    "Please retry shortly, or add your own key to accumulate your "
+                    "rate limits: https://openrouter.ai/settings/integrations",
+                    "provider_name": "Chutes",
+                    "provider_code": 429,
+                    "is_byok": False,
+                },
+            }
+            headers = {} if retryAfter is None else {"Retry-After": str(retryAfter)}
+            return 429, {"error": error}, headers
+
+        self._answerAt(build, key, times)
+
+    PAYMENT_KINDS = ("in_flight_budget", "request_too_costly", "credits", "negative_balance")
+
+    def paymentRequiredNext(self, kind="credits", *, retryAfter=None, key=None, times=1):
+        """
+        402 of one of OpenRouter's kinds (L{PAYMENT_KINDS}):
+        C{in_flight_budget} (transient, with C{Retry-After: retryAfter} if
+        given), C{request_too_costly} (this request's estimated cost is more
+        than the whole budget), C{credits} (out of credits) or
+        C{negative_balance}.
+        """
+        if kind not in self.PAYMENT_KINDS:
+            raise ValueError(f"no 402 of kind {kind!r}")
+
+        def build(now):
+            metadata = {"error_type": "payment_required"}
+            headers = {}
+            if kind == "in_flight_budget":
+                message = (
+                    "Too many requests in flight for this account's budget; "
+                    "retry when some of them have finished."
+                )
+                metadata["limit_source"] = "openrouter_in_flight_budget"
+                if retryAfter is not None:
+                    headers["Retry-After"] = str(retryAfter)
+            elif kind == "request_too_costly":
+                message = (
+                    "This request's estimated cost ($2.40) is larger than the whole "
+                    "in-flight budget ($1.00); retrying will not help. Lower max_tokens "
+                    "or raise the budget."
+                )
+                metadata.update(
+                    limit_source="openrouter_credits", estimated_cost=2.4, in_flight_budget=1.0
+                )
+            elif kind == "credits":
+                message = (
+                    "Insufficient credits. This account never purchased credits. "
+                    "Make sure your key is on the correct account or org, and if so, "
+                    "purchase more at https://openrouter.ai/settings/credits"
+                )
+                metadata["limit_source"] = "openrouter_credits"
+            else:
+                message = (
+                    "Your account or API key has a negative credit balance. Add credits "
+                    "at https://openrouter.ai/settings/credits"
+                )
+            return 402, {"error": {"code": 402, "message": message, "metadata": metadata}}, headers
+
+        self._answerAt(build, key, times)
+
+    FORBIDDEN_KINDS = (
+        "key_limit", "guardrail_budget", "workspace_budget", "permission_denied", "moderation",
+    )
+
+    def forbiddenNext(self, kind="key_limit", *, resetsIn=3600.0, epoch=False, key=None, times=1):
+        """
+        403 of one of OpenRouter's kinds (L{FORBIDDEN_KINDS}): the key's
+        credit limit, its guardrail or its workspace budget reached (with
+        C{resets_at} C{resetsIn} seconds away, ISO 8601, or epoch seconds if
+        C{epoch}), C{permission_denied}, or flagged input (moderation).
+        """
+        if kind not in self.FORBIDDEN_KINDS:
+            raise ValueError(f"no 403 of kind {kind!r}")
+
+        def build(now):
+            if kind == "moderation":
+                error = {
+                    "code": 403,
+                    "message": "hermux/fake-model requires moderation on OpenAI. "
+                    "Your input was flagged for \"harassment\".",
+                    "metadata": {
+                        "reasons": ["harassment"],
+                        "flagged_input": "...",
+                        "provider_name": "OpenAI",
+                        "model_slug": FAKE_MODEL,
+                    },
+                }
+                return 403, {"error": error}, {}
+            metadata = {"error_type": "permission_denied"}
+            if kind == "permission_denied":
+                message = "This model is not available to your account or in your region."
+            else:
+                resets = now + resetsIn
+                message = {
+                    "key_limit": "Key limit exceeded (daily limit). Manage it using "
+                    "https://openrouter.ai/settings/keys",
+                    "guardrail_budget": "Guardrail budget exceeded for this key.",
+                    "workspace_budget": "Workspace budget exceeded.",
+                }[kind]
+                metadata["limit_source"] = "openrouter_" + kind
+                metadata["resets_at"] = (
+                    int(resets)
+                    if epoch
+                    else datetime.fromtimestamp(resets, timezone.utc).isoformat().replace("+00:00", "Z")
+                )
+            return 403, {"error": {"code": 403, "message": message, "metadata": metadata}}, {}
+
+        self._answerAt(build, key, times)
+
+    def htmlForbiddenNext(self, *, key=None, times=1):
+        """
+        A 403 that is not OpenRouter's: a CDN's or firewall's HTML page.
+        """
+
+        def answer(request, received):
+            request.setResponseCode(403)
+            request.setHeader(b"Content-Type", b"text/html; charset=UTF-8")
+            request.setHeader(b"Server", b"cloudflare")
+            return (
+                b"<!DOCTYPE html>\n<html><head><title>Attention Required! | Cloudflare"
+                b"</title></head><body><h1>Sorry, you have been blocked</h1><p>You are "
+                b"unable to access openrouter.ai</p></body></html>\n"
+            )
 
         self._script(answer, key, times)
 

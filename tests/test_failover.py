@@ -30,16 +30,15 @@ def rateLimit(kind: str, resetIn: float | None = None, inHeader: bool = False):
     """
     metadata = {}
     headers = {}
+    if kind != "shared":
+        # OpenRouter's own limits carry X-RateLimit-*, copied into the body.
+        metadata["headers"] = {"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0"}
     if resetIn is not None:
         reset = str(int((NOW + resetIn) * 1000))
         if inHeader:
             headers["X-RateLimit-Reset"] = reset
         else:
-            metadata["headers"] = {
-                "X-RateLimit-Limit": "50",
-                "X-RateLimit-Remaining": "0",
-                "X-RateLimit-Reset": reset,
-            }
+            metadata["headers"]["X-RateLimit-Reset"] = reset
     message = {
         "day": "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000.",
         "minute": "Rate limit exceeded: free-models-per-min.",
@@ -127,9 +126,13 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(states["beta"].usableAt, nextMidnight(NOW))
 
     def test_forbiddenKeyMovesOn(self):
+        """
+        A 403 for a key's own limit (here its credit limit and its workspace
+        budget) moves on to another key.
+        """
         proxy = MemoryProxy(self)
-        for key in (ALPHA, BETA):
-            proxy.fake.answerNext(403, {"error": {"code": 403, "message": "Key disabled"}}, key=key.token, times=None)
+        proxy.fake.forbiddenNext("key_limit", key=ALPHA.token, times=None)
+        proxy.fake.forbiddenNext("workspace_budget", key=BETA.token, times=None)
         self.assertServedBy(proxy, GAMMA.name)
 
     def test_streamingRequestMovesOn(self):
@@ -275,10 +278,13 @@ class ExhaustionTests(SynchronousTestCase):
 
     def test_everyKeyRefused(self):
         """
-        When every key is refused for good, waiting will not help: 503.
+        When every key is refused for good, waiting will not help: 503.  (One
+        request disables at most two keys and gets the second 401; the next
+        request finds the last key refused too.)
         """
         proxy = MemoryProxy(self)
         proxy.fake.answerNext(401, {"error": {"code": 401, "message": "User not found."}}, times=None)
+        self.assertEqual(proxy.chatted()[0].code, 401)
         response, raw = proxy.chatted()
         answer = json.loads(raw)
         self.assertEqual(response.code, 503)

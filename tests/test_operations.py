@@ -105,8 +105,11 @@ class ReloadTests(TestCase):
             self.proxy.pool.requestCounts(),
             {"alpha": before["alpha"], "beta": before["beta"], "delta": 1},
         )
-        self.assertNotIn("gamma", await self.served(9))
+        # The fake accepts the new tokens too: one request now disables at
+        # most two keys the upstream refuses (the breaker), so a fake that
+        # refused them would fail requests rather than exercise the reload.
         self.proxy.fake.keys = None
+        self.assertNotIn("gamma", await self.served(9))
         text = "\n".join(formatEvent(e) for e in events)
         self.assertIn("keys added: delta", text)
         self.assertIn("keys removed: gamma", text)
@@ -335,7 +338,13 @@ class MetricsTests(TestCase):
         proxy = Proxy(self)
         proxy.fake.answerNext(
             429,
-            {"error": {"code": 429, "message": "Rate limit exceeded: free-models-per-day."}},
+            {
+                "error": {
+                    "code": 429,
+                    "message": "Rate limit exceeded: free-models-per-day.",
+                    "metadata": {"headers": {"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0"}},
+                }
+            },
             key=ALPHA.token,
             times=None,
         )

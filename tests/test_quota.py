@@ -21,6 +21,7 @@ from hermux.quota import (
     COOLING_DEFAULT,
     COOLING_LONGEST,
     EXHAUSTED_LONGEST,
+    ERROR_TYPES,
     KEY_STATUSES,
     classify,
 )
@@ -55,12 +56,13 @@ def errorBody(code: int, message: object = None, metadata: object = None) -> byt
 
 def rateLimitBody(message: str, reset: object = None, name: str = "X-RateLimit-Reset") -> bytes:
     """
-    A 429 body as OpenRouter sends it, with the rate limit headers copied
-    into the error's metadata when C{reset} is given.
+    A 429 body as OpenRouter sends it for its own limits, with the rate
+    limit headers copied into the error's metadata (the reset time when
+    C{reset} is given).
     """
-    if reset is None:
-        return errorBody(429, message)
-    headers = {"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0", name: reset}
+    headers = {"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0"}
+    if reset is not None:
+        headers[name] = reset
     return errorBody(429, message, {"headers": headers})
 
 
@@ -355,18 +357,27 @@ class PerMinuteTests(SynchronousTestCase):
 
     def test_unknownLimitCools(self):
         """
-        A 429 whose message names no known limit, or that has no usable
-        body at all, cools the key as a per-minute limit would.
+        A platform 429 (with X-RateLimit-*) whose message names no known
+        limit cools the key as a per-minute limit would.  Without
+        X-RateLimit-* it is the provider's limit, which is not the key's;
+        without OpenRouter's error shape, it says nothing of the key.
         """
+        platform = {"X_RateLimit_Limit": "20", "X_RateLimit_Remaining": "0"}
         for body in (
             errorBody(429, "Rate limit exceeded"),
             errorBody(429, "Too Many Requests"),
             errorBody(429),
-            b"",
-            b"Too Many Requests",
         ):
-            self.assertCooling(classify(429, headers(Retry_After="7"), body, NOW), NOW + 7)
-            self.assertCooling(classify(429, Headers(), body, NOW), NOW + COOLING_DEFAULT)
+            self.assertCooling(
+                classify(429, headers(Retry_After="7", **platform), body, NOW), NOW + 7
+            )
+            self.assertCooling(classify(429, headers(**platform), body, NOW), NOW + COOLING_DEFAULT)
+            for answerHeaders in (headers(Retry_After="7"), Headers()):
+                verdict = classify(429, answerHeaders, body, NOW)
+                self.assertEqual(verdict.kind, Kind.BUSY)
+                self.assertFalse(verdict.penalizes)
+        for body in (b"", b"Too Many Requests"):
+            self.assertEqual(classify(429, headers(Retry_After="7", **platform), body, NOW), ERROR)
 
 
 class BusyTests(SynchronousTestCase):
@@ -445,14 +456,13 @@ class KeyRefusedTests(SynchronousTestCase):
 
     def test_forbidden(self):
         """
-        403 without moderation metadata disables the key until the
-        configuration is reloaded.
+        403 without a key limit's C{limit_source} (see L{tests.test_verdicts})
+        says nothing against the key: L{ERROR}, no penalty.
         """
         for body in (errorBody(403, "Key is disabled"), errorBody(403, "Forbidden", {}), b""):
             verdict = classify(403, Headers(), body, NOW)
-            self.assertEqual(verdict.kind, Kind.DISABLED)
-            self.assertIsNone(verdict.until)
-            self.assertTrue(verdict.penalizes)
+            self.assertEqual(verdict, ERROR)
+            self.assertFalse(verdict.penalizes)
 
     def test_moderation(self):
         """
@@ -484,10 +494,10 @@ class RobustnessTests(SynchronousTestCase):
 
     def test_notJSON(self):
         """
-        Bodies that are not JSON (HTML, binary, truncated, empty) are read as
-        saying nothing beyond the status.
+        Bodies that are not JSON (HTML, binary, truncated, empty) are not
+        OpenRouter's: they say nothing of the key.
         """
-        expected = {401: Kind.DISABLED, 402: Kind.DISABLED, 403: Kind.DISABLED, 429: Kind.COOLING}
+        expected = {401: Kind.ERROR, 402: Kind.ERROR, 403: Kind.ERROR, 429: Kind.ERROR}
         for body in (
             b"",
             b"<html><body>502 Bad Gateway</body></html>",
@@ -503,7 +513,7 @@ class RobustnessTests(SynchronousTestCase):
     def test_notAnObject(self):
         """
         JSON that is not an object (a list, a string, a number, null) is
-        read as saying nothing.
+        not OpenRouter's error: it says nothing of the key.
         """
         for body in (
             json.dumps([{"error": {"message": PER_DAY}}]).encode(),
@@ -514,7 +524,7 @@ class RobustnessTests(SynchronousTestCase):
         ):
             verdict = classify(429, Headers(), body, NOW)
             self.assertSane(verdict)
-            self.assertEqual(verdict.kind, Kind.COOLING, body)
+            self.assertEqual(verdict.kind, Kind.ERROR, body)
 
     def test_errorNotAnObject(self):
         """
@@ -524,7 +534,7 @@ class RobustnessTests(SynchronousTestCase):
             body = json.dumps({"error": error}).encode()
             for status in sorted(KEY_STATUSES):
                 self.assertSane(classify(status, Headers(), body, NOW))
-            self.assertEqual(classify(429, Headers(), body, NOW).kind, Kind.COOLING)
+            self.assertEqual(classify(429, Headers(), body, NOW).kind, Kind.ERROR)
 
     def test_metadataNotAnObject(self):
         """
@@ -544,10 +554,11 @@ class RobustnessTests(SynchronousTestCase):
             for status in sorted(KEY_STATUSES):
                 self.assertSane(classify(status, Headers(), body, NOW))
         self.assertEqual(
-            classify(403, Headers(), errorBody(403, "x", ["reasons"]), NOW).kind, Kind.DISABLED
+            classify(403, Headers(), errorBody(403, "x", ["reasons"]), NOW).kind, Kind.ERROR
         )
+        # Headers that are not an object are no X-RateLimit-*: the provider's.
         self.assertEqual(
-            classify(429, Headers(), errorBody(429, PER_DAY, {"headers": 7}), NOW).until, MIDNIGHT
+            classify(429, Headers(), errorBody(429, PER_DAY, {"headers": 7}), NOW).kind, Kind.BUSY
         )
 
     def test_messageNotAString(self):
@@ -555,7 +566,9 @@ class RobustnessTests(SynchronousTestCase):
         A C{message} that is not a string is read as an unknown limit.
         """
         for message in (42, ["free-models-per-day"], {"text": "High demand"}, True):
-            verdict = classify(429, Headers(), errorBody(429, message), NOW)
+            verdict = classify(
+                429, headers(X_RateLimit_Limit="20"), errorBody(429, message), NOW
+            )
             self.assertSane(verdict)
             self.assertEqual(verdict.kind, Kind.COOLING)
 
@@ -692,7 +705,23 @@ _metadata = st.one_of(
                 ),
                 _json,
             ),
-            "limit_source": st.one_of(st.just("openrouter_shared_capacity"), _json),
+            "limit_source": st.one_of(
+                st.sampled_from(
+                    [
+                        "openrouter_shared_capacity",
+                        "openrouter_in_flight_budget",
+                        "openrouter_credits",
+                        "openrouter_key_limit",
+                        "openrouter_guardrail_budget",
+                        "openrouter_workspace_budget",
+                    ]
+                ),
+                _json,
+            ),
+            "error_type": st.one_of(st.sampled_from(sorted(ERROR_TYPES.values())), _json),
+            "resets_at": st.one_of(_resetValues, _json),
+            "estimated_cost": _json,
+            "in_flight_budget": _json,
             "reasons": _json,
             "flagged_input": _json,
         },
@@ -708,6 +737,11 @@ _error = st.one_of(
 _bodies = st.one_of(
     st.binary(max_size=200),
     st.fixed_dictionaries({"error": _error}).map(lambda body: json.dumps(body).encode("utf-8")),
+    st.builds(
+        lambda code, rest: {"error": {**rest, "code": code}} if isinstance(rest, dict) else rest,
+        st.sampled_from(sorted(KEY_STATUSES)),
+        _error,
+    ).map(lambda body: json.dumps(body).encode("utf-8")),
     _json.map(lambda body: json.dumps(body).encode("utf-8")),
 )
 _statuses = st.one_of(st.sampled_from(sorted(KEY_STATUSES)), st.integers(100, 599))

@@ -24,6 +24,8 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.web.server import Site
 
 from hermux.demo import DemoUpstream
+from hermux.keypool import ERROR, Kind
+from hermux.quota import classify
 from hermux.testing import FAKE_ANSWER, FAKE_MODEL, FakeOpenRouter, fakeSite
 from hermux.upstream import Upstream
 from tests.memory import MemoryNetwork, RawClient
@@ -538,6 +540,105 @@ class AnswerNextTests(FakeTestCase):
         self.fake.answerNext(502, {})
         codes = [self.chat().code for _ in range(3)]
         self.assertEqual(codes, [500, 502, 200])
+
+
+class RefusalTests(FakeTestCase):
+    """
+    OpenRouter's own refusals, as the fake words them, and what
+    L{hermux.quota.classify} makes of each.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.clock.advance(1_800_001_234.5)
+
+    def refusal(self, script, *args, **kwargs):
+        """
+        Script the next answer with the fake's method C{script}; return the
+        response, its JSON body (or raw bytes) and its verdict.
+        """
+        getattr(self.fake, script)(*args, **kwargs)
+        response = self.chat()
+        raw = self.content(response)
+        verdict = classify(response.code, response.headers, raw, self.clock.seconds())
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = raw
+        else:
+            self.assertEqual(body["error"]["code"], response.code)
+            self.assertIsInstance(body["error"]["message"], str)
+        self.assertEqual(self.chat().code, 200)  # once only, by default
+        return response, body, verdict
+
+    def test_platformLimit(self):
+        now = self.clock.seconds()
+        response, body, verdict = self.refusal("platformLimitNext", perDay=True)
+        self.assertEqual(response.code, 429)
+        self.assertIn("free-models-per-day", body["error"]["message"])
+        self.assertEqual(response.headers.getRawHeaders("X-RateLimit-Remaining"), ["0"])
+        self.assertEqual(
+            body["error"]["metadata"]["headers"]["X-RateLimit-Reset"],
+            str((int(now // 86400) + 1) * 86400 * 1000),
+        )
+        self.assertEqual(verdict.kind, Kind.EXHAUSTED)
+        response, body, verdict = self.refusal("platformLimitNext", perDay=False, resetIn=30, inBody=False)
+        self.assertNotIn("headers", body["error"]["metadata"])
+        self.assertEqual((verdict.kind, verdict.until), (Kind.COOLING, now + 30))
+
+    def test_providerLimit(self):
+        response, body, verdict = self.refusal("providerLimitNext", retryAfter=9)
+        self.assertEqual(response.code, 429)
+        self.assertEqual(response.headers.getRawHeaders("Retry-After"), ["9"])
+        self.assertIsNone(response.headers.getRawHeaders("X-RateLimit-Limit"))
+        self.assertEqual(body["error"]["metadata"]["provider_name"], "Chutes")
+        self.assertEqual(verdict.kind, Kind.BUSY)
+        response, _, _ = self.refusal("providerLimitNext")
+        self.assertIsNone(response.headers.getRawHeaders("Retry-After"))
+
+    def test_paymentRequired(self):
+        expected = {
+            "in_flight_budget": Kind.COOLING,
+            "request_too_costly": Kind.OVER_BUDGET,
+            "credits": Kind.DISABLED,
+            "negative_balance": Kind.DISABLED,
+        }
+        self.assertEqual(set(expected), set(self.fake.PAYMENT_KINDS))
+        for kind, verdictKind in expected.items():
+            response, body, verdict = self.refusal("paymentRequiredNext", kind, retryAfter=5)
+            self.assertEqual(response.code, 402)
+            self.assertEqual(body["error"]["metadata"]["error_type"], "payment_required")
+            self.assertEqual(verdict.kind, verdictKind, kind)
+        self.assertRaises(ValueError, self.fake.paymentRequiredNext, "broke")
+
+    def test_forbidden(self):
+        now = self.clock.seconds()
+        expected = {
+            "key_limit": Kind.EXHAUSTED,
+            "guardrail_budget": Kind.EXHAUSTED,
+            "workspace_budget": Kind.EXHAUSTED,
+            "permission_denied": Kind.ERROR,
+            "moderation": Kind.ERROR,
+        }
+        self.assertEqual(set(expected), set(self.fake.FORBIDDEN_KINDS))
+        for kind, verdictKind in expected.items():
+            response, body, verdict = self.refusal("forbiddenNext", kind, resetsIn=600)
+            self.assertEqual(response.code, 403)
+            self.assertEqual(verdict.kind, verdictKind, kind)
+            if verdictKind is Kind.EXHAUSTED:
+                self.assertEqual(body["error"]["metadata"]["limit_source"], "openrouter_" + kind)
+                self.assertTrue(body["error"]["metadata"]["resets_at"].endswith("Z"))
+                self.assertEqual(verdict.until, now + 600)
+        _, body, verdict = self.refusal("forbiddenNext", "key_limit", resetsIn=600, epoch=True)
+        self.assertEqual(body["error"]["metadata"]["resets_at"], int(now + 600))
+        self.assertRaises(ValueError, self.fake.forbiddenNext, "banned")
+
+    def test_htmlForbidden(self):
+        response, body, verdict = self.refusal("htmlForbiddenNext")
+        self.assertEqual(response.code, 403)
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["text/html; charset=UTF-8"])
+        self.assertTrue(body.startswith(b"<!DOCTYPE html>"))
+        self.assertEqual(verdict, ERROR)
 
 
 class MisbehaviourTests(FakeTestCase):
