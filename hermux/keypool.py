@@ -424,3 +424,42 @@ class KeyPool(Service):
         """
         now = self._now()
         return [account.status(now) for account in self._accounts.values()]
+
+    # The key prober's (hermux.probe): keys refused until a reload, and
+    # their coming back.
+
+    def disabledKeys(self) -> dict[Key, str | None]:
+        """
+        The keys disabled until the configuration is reloaded (refused by
+        the upstream: 401, 403), with why; not those disabled until a time
+        (402, until midnight).
+        """
+        now = self._now()
+        return {
+            account.key: account.disabledReason
+            for account in self._accounts.values()
+            if account.state(now) is State.DISABLED and account.disabledUntil is None
+        }
+
+    def reinstate(self, key: Key, reason: str) -> bool:
+        """
+        Make C{key}, disabled until a reload, usable again because of
+        C{reason} (the upstream accepts it again); its counts and any
+        cooling or exhausted state stay.  Return whether it was reinstated:
+        not if it is not disabled until a reload, or was removed or
+        replaced by a reload meanwhile.
+        """
+        if key not in self.disabledKeys():
+            return False
+        account = self._accounts[key.name]
+        account.disabled = False
+        account.disabledUntil = None
+        account.disabledReason = None
+        now = self._now()
+        self._log.info(
+            "key {key} is {state} again: {reason}",
+            key=key.name,
+            state=account.state(now).value,
+            reason=reason,
+        )
+        return True
