@@ -6,9 +6,18 @@ send in their C{Authorization} header.
 
 from __future__ import annotations
 
-__all__ = ["AccessList", "AuthThrottle", "Client", "Lookup", "clientLabel", "presentedToken"]
+__all__ = [
+    "AccessList",
+    "AuthThrottle",
+    "Client",
+    "Lookup",
+    "TrustedProxies",
+    "clientLabel",
+    "presentedToken",
+]
 
 import hashlib
+import ipaddress
 import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable
@@ -125,12 +134,20 @@ class AuthThrottle:
     Counts failed access tokens per client address and throttles an
     address with C{failures} failures within the last C{window} seconds.
 
-    A throttled address is refused without its token being looked at,
-    valid or not: otherwise a throttled guesser would still learn which of
-    its guesses is right.  Other addresses are not affected.  Connections
-    without an IP address (UNIX sockets) are never throttled.  At most
-    C{maxAddresses} addresses are remembered, the least recently failed
-    being forgotten first.
+    A throttled address is refused whatever token it sends, valid or not,
+    unless that token already succeeded from the address before the
+    throttle began (an OWASP "device cookie" allowance): other clients
+    sharing the address (one machine, a Docker bridge, a proxy) keep
+    working while one of them guesses, and the guesser still learns
+    nothing of its new guesses, a valid new one being refused exactly as
+    an invalid one is.  Other addresses are not affected.  Connections
+    without an IP address (UNIX sockets) are never throttled.
+
+    Memory is bounded: at most C{maxAddresses} addresses with failures are
+    remembered, the least recently failed being forgotten first, and at
+    most C{maxAddresses} addresses with clients known from them, each with
+    at most C{knownPerAddress} clients (by their label, never the token),
+    the least recently seen being forgotten first.
 
     @param failures: failures allowed per window; 0 turns throttling off.
     """
@@ -141,6 +158,7 @@ class AuthThrottle:
         window: float = 60.0,
         *,
         maxAddresses: int = 10_000,
+        knownPerAddress: int = 16,
         reactor=None,
     ):
         if reactor is None:
@@ -148,8 +166,10 @@ class AuthThrottle:
         self.failures = failures
         self.window = window
         self._maxAddresses = maxAddresses
+        self._knownPerAddress = knownPerAddress
         self._reactor = reactor
         self._failed: OrderedDict[str, deque[float]] = OrderedDict()
+        self._known: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
 
     @staticmethod
     def _addressKey(address) -> str | None:
@@ -157,21 +177,55 @@ class AuthThrottle:
             return address.host
         return None
 
-    def retryAfter(self, address) -> int | None:
+    def _wait(self, key: str) -> float:
+        times = self._failed.get(key)
+        if times is None or len(times) < self.failures:
+            return 0.0
+        return times[0] + self.window - self._reactor.seconds()
+
+    def retryAfter(self, address, client: Client | None = None) -> int | None:
         """
         The whole number of seconds until C{address} may try again, or
-        L{None} if it is not throttled.
+        L{None} if it is not throttled, or if C{client} (the one the
+        request's token names, L{None} for none) succeeded from it before.
         """
         key = self._addressKey(address)
         if not self.failures or key is None:
             return None
-        times = self._failed.get(key)
-        if times is None or len(times) < self.failures:
-            return None
-        wait = times[0] + self.window - self._reactor.seconds()
+        wait = self._wait(key)
         if wait <= 0:
             return None
+        # Looked up for any token, valid or not, so that a valid new one
+        # takes the path an invalid one takes.
+        label = "" if client is None else client.label
+        if label in self._known.get(key, ()):
+            return None
         return max(1, math.ceil(wait))
+
+    def succeeded(self, address, client: Client) -> None:
+        """
+        Note that C{client}'s token was accepted from C{address}, which
+        then lets it in while the address is throttled.  A client is not
+        learnt while its address is throttled: only one known before the
+        throttle began gets in then.
+        """
+        key = self._addressKey(address)
+        if not self.failures or key is None:
+            return
+        known = self._known.get(key)
+        if known is None:
+            if self._wait(key) > 0:
+                return
+            known = self._known[key] = OrderedDict()
+            while len(self._known) > self._maxAddresses:
+                self._known.popitem(last=False)
+        elif client.label not in known and self._wait(key) > 0:
+            return
+        self._known.move_to_end(key)
+        known[client.label] = None
+        known.move_to_end(client.label)
+        while len(known) > self._knownPerAddress:
+            known.popitem(last=False)
 
     def failed(self, address) -> bool:
         """
@@ -189,10 +243,122 @@ class AuthThrottle:
         self._failed[key] = times
         while len(self._failed) > self._maxAddresses:
             self._failed.popitem(last=False)
-        return self.retryAfter(address) is not None
+        return self._wait(key) > 0
 
     def __len__(self) -> int:
         """
-        How many addresses are remembered.
+        How many addresses with failures are remembered.
         """
         return len(self._failed)
+
+
+def _ipOf(text: str | None):
+    """
+    The IP address in one entry of C{X-Forwarded-For} or one C{for=} of
+    C{Forwarded}: C{192.0.2.1}, C{2001:db8::1}, C{[2001:db8::1]}, each
+    maybe with a C{:port}, and maybe quoted; L{None} for anything else
+    (C{unknown}, an obfuscated name, garbage).
+    """
+    if text is None:
+        return None
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    if text.startswith("["):
+        text, bracket, port = text[1:].partition("]")
+        if not bracket or (port and not (port[0] == ":" and port[1:].isdigit())):
+            return None
+    elif text.count(":") == 1:
+        text, _, port = text.partition(":")
+        if not port.isdigit():
+            return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _forwardedForEntries(value: str) -> list[str]:
+    return value.split(",")
+
+
+def _forwardedEntries(value: str) -> list[str | None]:
+    """
+    The C{for=} of each element of a C{Forwarded} value (RFC 7239), L{None}
+    for an element without one.
+    """
+    entries: list[str | None] = []
+    for element in value.split(","):
+        found = None
+        for pair in element.split(";"):
+            name, _, text = pair.partition("=")
+            if name.strip().lower() == "for":
+                found = text
+        entries.append(found)
+    return entries
+
+
+class TrustedProxies:
+    """
+    The reverse proxies whose word is taken for the address of the client
+    behind them (C{--trusted-proxy}), and the client address that follows
+    for each request: the one the throttle counts by and the log shows.
+
+    @param networks: the proxies' networks, as text (C{10.0.0.0/8},
+        C{::1}) or L{ipaddress} networks.
+    """
+
+    _HEADERS = ((b"x-forwarded-for", _forwardedForEntries), (b"forwarded", _forwardedEntries))
+
+    def __init__(self, networks: Iterable = ()):
+        self._networks = tuple(ipaddress.ip_network(network) for network in networks)
+
+    def trusts(self, ip) -> bool:
+        """
+        Whether C{ip}, an L{ipaddress} address, is a trusted proxy's.
+        """
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self._networks)
+
+    def _client(self, entries: list[str | None]):
+        # The right-most entry that is not a trusted proxy's is the one the
+        # first trusted proxy saw; those left of it are the client's word.
+        # When all are trusted, the left-most is the client.
+        ip = None
+        for entry in reversed(entries):
+            ip = _ipOf(entry)
+            if ip is None or not self.trusts(ip):
+                return ip
+        return ip
+
+    def clientAddress(self, peer, headers):
+        """
+        The address of the client whose request has C{headers} (twisted.web
+        L{Headers}) and came from C{peer}: C{peer} itself, unless it is a
+        trusted proxy; then the client C{X-Forwarded-For} or C{Forwarded}
+        names, as an address with port 0.  A malformed header, or the two
+        headers naming different clients, give C{peer}.
+        """
+        if not self._networks or not isinstance(peer, (IPv4Address, IPv6Address)):
+            return peer
+        try:
+            if not self.trusts(ipaddress.ip_address(peer.host)):
+                return peer
+        except ValueError:
+            return peer
+        named = set()
+        for name, entries in self._HEADERS:
+            values = headers.getRawHeaders(name)
+            if values is None:
+                continue
+            try:
+                value = b",".join(values).decode("ascii")
+            except UnicodeDecodeError:
+                return peer
+            named.add(self._client(entries(value)))
+        if len(named) != 1 or None in named:
+            return peer
+        [ip] = named
+        kind = IPv6Address if ip.version == 6 else IPv4Address
+        return kind("TCP", str(ip), 0)

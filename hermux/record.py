@@ -22,6 +22,13 @@ from hermux.access import Client, Lookup
 from hermux.channel import peerText
 
 
+def _addressText(address) -> str:
+    # A client named by a proxy has no port hermux knows (port 0).
+    if getattr(address, "host", None) is not None and not address.port:
+        return address.host
+    return peerText(address)
+
+
 def statusOf(request):
     """
     The status C{request} was answered with, or C{"-"} if no status line
@@ -45,6 +52,11 @@ class RequestRecord:
         in the site's reactor's seconds.
     @ivar tokenLookup: what the C{Authorization} header was found to name,
         once it was looked up: the token is hashed once per request.
+    @ivar clientAddress: the client's address, the peer's or, behind a
+        trusted proxy, the one the proxy names (see
+        L{hermux.access.TrustedProxies}); the throttle counts by it and the
+        log line shows it.  L{None} until the site has found it: the peer's
+        is used then.
     """
 
     requestId: str = "-"
@@ -53,6 +65,7 @@ class RequestRecord:
     outcome: str | None = None
     started: float = 0.0
     tokenLookup: Lookup | None = attr.field(default=None, repr=False)
+    clientAddress: object = None
 
     def logFields(self, request, now: float) -> dict:
         """
@@ -60,6 +73,9 @@ class RequestRecord:
         L{hermux.requestlog.REQUEST_LINE}), now that it is over.
         """
         outcome = self.outcome
+        address = self.clientAddress
+        if address is None:
+            address = request.getClientAddress()
         return {
             "requestId": self.requestId,
             "method": request.method.decode("ascii", "replace"),
@@ -69,7 +85,7 @@ class RequestRecord:
             "client": "-" if self.client is None else self.client.label,
             "bytes": request.sentLength,
             "duration": now - self.started,
-            "peer": peerText(request.getClientAddress()),
+            "peer": _addressText(address),
             "outcome": outcome or "complete",
             "outcomeNote": f" ({outcome})" if outcome else "",
         }

@@ -91,11 +91,28 @@ class Gate:
         token is hashed only if the site has not looked it up already (see
         L{hermux.site.HermuxSite.wantsBody}).
 
+        A throttled address gets 429 whatever its token, unless the token
+        succeeded from that address before (see L{AuthThrottle}): the token
+        is looked up first, but a valid new one and an invalid one get the
+        same 429.  A 429 is not counted as a failure, so the throttle ends a
+        window after the failures that began it, as if nothing had been
+        tried since.
+
         @raise Refusal: if it may not come in.
         """
-        peer = request.getClientAddress()
+        record = recordOf(request)
+        address = record.clientAddress
+        if address is None:
+            address = request.getClientAddress()
+        authorization = request.requestHeaders.getRawHeaders(b"authorization", [])
+        client = None
+        if len(authorization) <= 1:
+            record.tokenLookup = lookup = self.access.lookup(
+                authorization[0] if authorization else None, record.tokenLookup
+            )
+            client = lookup.client
         if self.throttle is not None:
-            retryAfter = self.throttle.retryAfter(peer)
+            retryAfter = self.throttle.retryAfter(address, client)
             if retryAfter is not None:
                 request.setHeader(b"Retry-After", b"%d" % (retryAfter,))
                 raise Refusal(
@@ -105,19 +122,13 @@ class Gate:
                         "too many failed access tokens from this address; try again later",
                     )
                 )
-        authorization = request.requestHeaders.getRawHeaders(b"authorization", [])
         if len(authorization) > 1:
             raise Refusal(renderError(request, 400, "more than one Authorization header"))
-        record = recordOf(request)
-        record.tokenLookup = lookup = self.access.lookup(
-            authorization[0] if authorization else None, record.tokenLookup
-        )
-        client = lookup.client
         if client is None:
-            if self.throttle is not None and self.throttle.failed(peer):
+            if self.throttle is not None and self.throttle.failed(address):
                 self._log.warn(
                     "throttling {host}: {failures} failed access tokens within {window:g} seconds",
-                    host=getattr(peer, "host", "?"),
+                    host=getattr(address, "host", "?"),
                     failures=self.throttle.failures,
                     window=self.throttle.window,
                 )
@@ -135,6 +146,8 @@ class Gate:
                     "the access tokens were reloaded while this request arrived; send it again",
                 )
             )
+        if self.throttle is not None:
+            self.throttle.succeeded(address, client)
         record.client = client
         return client
 

@@ -93,6 +93,7 @@ class HermuxRequest(server.Request):
         if requestId is None or not _CLIENT_REQUEST_ID.fullmatch(requestId):
             requestId = b"%016x" % (_requestIds.getrandbits(64),)
         record.requestId = requestId.decode("ascii")
+        record.clientAddress = site.clientAddress(self)
         self.setHeader(b"X-Request-Id", requestId)
         site.metrics.inFlight.inc()
         self.notifyFinish().addBoth(self._over)
@@ -126,6 +127,8 @@ class HermuxSite(server.Site):
     the site's own access log is off.
 
     @ivar channels: the open client connections, at most C{maxConnections}.
+    @ivar trustedProxies: the proxies whose word is taken for the client's
+        address (a L{hermux.access.TrustedProxies}), or L{None}.
     @ivar timeOut: seconds a client may stay idle between requests, and
         may take to send one request.
     """
@@ -144,6 +147,7 @@ class HermuxSite(server.Site):
         clientTimeout: float | None = 60.0,
         maxConnections: int = 1024,
         access=None,
+        trustedProxies=None,
         metrics: Metrics | None = None,
         requestLog: IRequestLog | None = None,
         reactor=None,
@@ -164,6 +168,7 @@ class HermuxSite(server.Site):
         self.requestLog = requestLog if requestLog is not None else RequestLogEvents()
         self.channels: set[HermuxChannel] = set()
         self._access = access
+        self.trustedProxies = trustedProxies
 
     def wantsBody(self, request) -> bool:
         """
@@ -182,6 +187,17 @@ class HermuxSite(server.Site):
         record = recordOf(request)
         record.tokenLookup = lookup = self._access.lookup(values[0], record.tokenLookup)
         return lookup.client is not None
+
+    def clientAddress(self, request):
+        """
+        The address of the client C{request} comes from: its peer's, or,
+        from a trusted proxy (C{trustedProxies}, a
+        L{hermux.access.TrustedProxies}), the one the proxy names.
+        """
+        peer = request.getClientAddress()
+        if self.trustedProxies is None:
+            return peer
+        return self.trustedProxies.clientAddress(peer, request.requestHeaders)
 
     def log(self, request):
         pass

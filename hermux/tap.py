@@ -7,6 +7,8 @@ from __future__ import annotations
 
 __all__ = ["DEFAULT_LISTEN", "Options", "makeService"]
 
+import ipaddress
+
 from twisted.application import strports
 from twisted.python import usage
 
@@ -53,6 +55,16 @@ def _notNegativeSeconds(text):
 
 
 _notNegativeSeconds.coerceDoc = "Seconds, 0 or more."
+
+
+def _network(text):
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as e:
+        raise usage.UsageError(
+            f"--trusted-proxy {text!r}: {e}; give an IPv4 or IPv6 address or a "
+            f"network with no host bits set, such as 10.0.0.0/8 or fd00::/8"
+        )
 
 
 class Options(usage.Options):
@@ -174,14 +186,20 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["listen"] = []
+        self["trusted-proxy"] = []
 
     def opt_listen(self, description):
         """Where to listen, as a strports description; repeatable (default tcp:3333:interface=127.0.0.1). Examples: tcp:8080, tcp6:3333, unix:/run/hermux.sock, ssl:8443:privateKey=key.pem:certKey=cert.pem."""  # noqa: E501 (twistd --help keeps a docstring's line breaks and indentation)
         self["listen"].append(description)
 
+    def opt_trusted_proxy(self, network):
+        """A reverse proxy's address or network (10.0.0.0/8, ::1), repeatable: only from these peers, X-Forwarded-For or Forwarded name the client address that --auth-failures counts by and the log shows (default: none; the headers are ignored)."""  # noqa: E501 (twistd --help keeps a docstring's line breaks and indentation)
+        self["trusted-proxy"].append(network)
+
     def postOptions(self):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        self["trusted-proxy"] = [_network(text) for text in self["trusted-proxy"]]
         try:
             self["upstream"] = parseUpstreamURL(self["upstream"])
         except ValueError as e:

@@ -18,7 +18,7 @@ import attr
 from twisted.application.service import IService
 from twisted.web.resource import Resource
 
-from hermux.access import AccessList, AuthThrottle
+from hermux.access import AccessList, AuthThrottle, TrustedProxies
 from hermux.config import Configuration
 from hermux.demo import DemoUpstream
 from hermux.keypool import KeyPool
@@ -95,6 +95,7 @@ def assemble(
         clientTimeout=options["client-timeout"],
         maxConnections=options["max-connections"],
         access=access,
+        trustedProxies=TrustedProxies(options["trusted-proxy"]),
         metrics=metrics,
         requestLog=requestLog,
         reactor=reactor,

@@ -5,12 +5,22 @@ in, and how a client is named without naming its token.
 
 from __future__ import annotations
 
+import ipaddress
+
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
 from hermux import access as access_module
-from hermux.access import AccessList, AuthThrottle, Client, clientLabel, presentedToken
+from hermux.access import (
+    AccessList,
+    AuthThrottle,
+    Client,
+    TrustedProxies,
+    clientLabel,
+    presentedToken,
+)
 
 TOKEN_A = "hx-ACCESS-alpha-5e1c77"
 TOKEN_B = "hx-ACCESS-bravo-0a93fd"
@@ -410,3 +420,257 @@ class AuthThrottleTests(SynchronousTestCase):
         self.assertTrue(all(len(times) <= 3 for times in throttle._failed.values()))
         self.assertIsNone(throttle.retryAfter(_address("10.0.0.0")))
         self.assertIsNotNone(throttle.retryAfter(_address("10.0.3.231")))
+
+
+class KnownClientTests(SynchronousTestCase):
+    """
+    Tests for the allowance of L{AuthThrottle}: a client whose token
+    succeeded from an address before the address was throttled still gets
+    in; no other does.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.throttle = AuthThrottle(3, reactor=self.clock)
+        self.address = _address("192.0.2.1")
+        self.alpha = Client(clientLabel(TOKEN_A))
+        self.bravo = Client(clientLabel(TOKEN_B))
+
+    def throttleIt(self, address=None):
+        for _ in range(3):
+            self.throttle.failed(address or self.address)
+
+    def test_knownClientPasses(self):
+        """
+        A client that succeeded from the address before it was throttled is
+        not throttled; the address still is for a client it does not know,
+        and for no client.
+        """
+        self.throttle.succeeded(self.address, self.alpha)
+        self.throttleIt()
+        self.assertIsNone(self.throttle.retryAfter(self.address, self.alpha))
+        self.assertEqual(self.throttle.retryAfter(self.address, self.bravo), 60)
+        self.assertEqual(self.throttle.retryAfter(self.address, None), 60)
+        self.assertEqual(self.throttle.retryAfter(self.address), 60)
+
+    def test_notLearntWhileThrottled(self):
+        """
+        A success while the address is throttled does not make a client
+        known, then or later in the same throttle.
+        """
+        self.throttleIt()
+        self.throttle.succeeded(self.address, self.bravo)
+        self.assertEqual(self.throttle.retryAfter(self.address, self.bravo), 60)
+        self.throttle.succeeded(self.address, self.alpha)
+        self.assertEqual(self.throttle.retryAfter(self.address, self.alpha), 60)
+
+    def test_knownAfterTheThrottle(self):
+        """
+        Once the throttle is over, a success makes the client known for the
+        next one.
+        """
+        self.throttleIt()
+        self.clock.advance(60)
+        self.throttle.succeeded(self.address, self.bravo)
+        self.throttleIt()
+        self.assertIsNone(self.throttle.retryAfter(self.address, self.bravo))
+
+    def test_knownPerAddress(self):
+        """
+        A client known from one address is not known from another.
+        """
+        other = _address("192.0.2.2")
+        self.throttle.succeeded(self.address, self.alpha)
+        self.throttleIt(other)
+        self.assertIsNotNone(self.throttle.retryAfter(other, self.alpha))
+
+    def test_knownByLabel(self):
+        """
+        The throttle keeps the clients' labels, never a token.
+        """
+        self.throttle.succeeded(self.address, self.alpha)
+        self.assertEqual(list(self.throttle._known["192.0.2.1"]), [self.alpha.label])
+        self.assertNotIn(TOKEN_A, repr(vars(self.throttle)))
+
+    def test_offOrUNIX(self):
+        """
+        With throttling off, or for a UNIX socket, nothing is remembered.
+        """
+        throttle = AuthThrottle(0, reactor=self.clock)
+        throttle.succeeded(self.address, self.alpha)
+        self.throttle.succeeded(UNIXAddress(b"/run/hermux.sock"), self.alpha)
+        self.assertEqual(len(throttle._known) + len(self.throttle._known), 0)
+
+    def test_boundedPerAddress(self):
+        """
+        At most C{knownPerAddress} clients are known per address; the one
+        seen least recently is forgotten first.
+        """
+        throttle = AuthThrottle(3, knownPerAddress=4, reactor=self.clock)
+        clients = [Client(f"client-{n}") for n in range(6)]
+        for client in clients:
+            throttle.succeeded(self.address, client)
+        throttle.succeeded(self.address, clients[2])
+        for _ in range(3):
+            throttle.failed(self.address)
+        passing = [c for c in clients if throttle.retryAfter(self.address, c) is None]
+        self.assertEqual(passing, clients[2:])
+
+    def test_boundedAddresses(self):
+        """
+        At most C{maxAddresses} addresses have known clients; the one seen
+        least recently is forgotten first.
+        """
+        throttle = AuthThrottle(3, maxAddresses=10, reactor=self.clock)
+        addresses = [_address(f"10.0.0.{n}") for n in range(20)]
+        for address in addresses:
+            throttle.succeeded(address, self.alpha)
+        throttle.succeeded(addresses[0], self.alpha)
+        self.assertEqual(len(throttle._known), 10)
+        self.assertEqual(
+            set(throttle._known), {"10.0.0.0"} | {f"10.0.0.{n}" for n in range(11, 20)}
+        )
+
+
+class TrustedProxiesTests(SynchronousTestCase):
+    """
+    Tests for L{TrustedProxies.clientAddress}: the client address behind a
+    trusted proxy.
+    """
+
+    def setUp(self):
+        self.proxies = TrustedProxies(["10.0.0.0/8", "fd00::/8", "127.0.0.1"])
+        self.proxy = _address("10.1.2.3")
+
+    def client(self, peer, **headers):
+        values = Headers()
+        for name, value in headers.items():
+            values.setRawHeaders(
+                name.replace("_", "-"), value if isinstance(value, list) else [value]
+            )
+        return self.proxies.clientAddress(peer, values)
+
+    def assertClient(self, peer, host, **headers):
+        address = self.client(peer, **headers)
+        expected = _address(host, 0)
+        self.assertEqual((type(address), address.host, address.port), (type(expected), host, 0))
+
+    def test_untrustedPeer(self):
+        """
+        From a peer that is not a trusted proxy, the headers are ignored.
+        """
+        peer = _address("192.0.2.9")
+        self.assertIs(self.client(peer, x_forwarded_for=b"203.0.113.5"), peer)
+        self.assertIs(self.client(peer, forwarded=b"for=203.0.113.5"), peer)
+
+    def test_noneTrusted(self):
+        peer = _address("10.1.2.3")
+        headers = Headers({b"x-forwarded-for": [b"203.0.113.5"]})
+        self.assertIs(TrustedProxies().clientAddress(peer, headers), peer)
+
+    def test_UNIXPeer(self):
+        peer = UNIXAddress(b"/run/hermux.sock")
+        self.assertIs(self.client(peer, x_forwarded_for=b"203.0.113.5"), peer)
+
+    def test_trustedPeerWithoutHeaders(self):
+        self.assertIs(self.client(self.proxy), self.proxy)
+
+    def test_forwardedFor(self):
+        """
+        From a trusted proxy, the right-most address of X-Forwarded-For that
+        is not a trusted proxy's is the client's; those left of it, which
+        the client may have written, are not looked at.
+        """
+        self.assertClient(self.proxy, "203.0.113.5", x_forwarded_for=b"203.0.113.5")
+        self.assertClient(
+            self.proxy,
+            "203.0.113.5",
+            x_forwarded_for=b"garbage, 198.51.100.1,203.0.113.5 , 10.9.9.9",
+        )
+        self.assertClient(
+            self.proxy, "203.0.113.5", x_forwarded_for=[b"198.51.100.1", b"203.0.113.5, 10.9.9.9"]
+        )
+
+    def test_allTrusted(self):
+        """
+        When every address is a trusted proxy's, the left-most is the
+        client's.
+        """
+        self.assertClient(self.proxy, "127.0.0.1", x_forwarded_for=b"127.0.0.1, 10.9.9.9")
+
+    def test_IPv6(self):
+        peer = _address("fd00::1")
+        self.assertClient(peer, "2001:db8::5", x_forwarded_for=b"2001:db8::5")
+        self.assertClient(peer, "2001:db8::5", x_forwarded_for=b"[2001:db8::5]:4711")
+        self.assertClient(peer, "192.0.2.5", forwarded=b'for="192.0.2.5:4711"')
+        self.assertClient(self.proxy, "2001:db8::5", forwarded=b'For="[2001:db8::5]:4711"')
+
+    def test_IPv4MappedPeer(self):
+        """
+        A trusted IPv4 proxy reaching a tcp6 listener, as ::ffff:10.1.2.3,
+        is trusted.
+        """
+        peer = _address("::ffff:10.1.2.3")
+        self.assertClient(peer, "203.0.113.5", x_forwarded_for=b"203.0.113.5")
+
+    def test_forwarded(self):
+        """
+        C{Forwarded} (RFC 7239) is read like X-Forwarded-For, by its
+        C{for=} parameters.
+        """
+        self.assertClient(
+            self.proxy,
+            "203.0.113.5",
+            forwarded=b"for=198.51.100.1;proto=http, for=203.0.113.5;by=10.1.2.3;proto=https",
+        )
+        self.assertClient(
+            self.proxy, "203.0.113.5", forwarded=[b"for=203.0.113.5", b"for=10.9.9.9"]
+        )
+
+    def test_bothAgree(self):
+        self.assertClient(
+            self.proxy, "203.0.113.5", x_forwarded_for=b"203.0.113.5", forwarded=b"for=203.0.113.5"
+        )
+
+    def test_bothDisagree(self):
+        """
+        When X-Forwarded-For and Forwarded name different clients (a proxy
+        sets one and passes on the client's own other), the peer is used.
+        """
+        self.assertIs(
+            self.client(self.proxy, x_forwarded_for=b"203.0.113.5", forwarded=b"for=198.51.100.1"),
+            self.proxy,
+        )
+
+    def test_malformed(self):
+        """
+        When the entry that would name the client is not an address, the
+        peer is used.
+        """
+        for headers in (
+            {"x_forwarded_for": b""},
+            {"x_forwarded_for": b"203.0.113.5,"},
+            {"x_forwarded_for": b"203.0.113.5, not-an-address"},
+            {"x_forwarded_for": b"203.0.113.5:http"},
+            {"x_forwarded_for": b"[2001:db8::5"},
+            {"x_forwarded_for": b"[2001:db8::5]x"},
+            {"x_forwarded_for": b"203.0.113.5/24"},
+            {"x_forwarded_for": b"\xff"},
+            {"forwarded": b"for=unknown"},
+            {"forwarded": b"for=_hidden"},
+            {"forwarded": b"for=203.0.113.5, proto=https"},
+            {"forwarded": b"by=10.1.2.3"},
+        ):
+            self.assertIs(self.client(self.proxy, **headers), self.proxy, headers)
+
+    def test_networks(self):
+        """
+        Addresses and networks, as text or L{ipaddress} networks, both
+        families.
+        """
+        proxies = TrustedProxies([ipaddress.ip_network("192.0.2.0/24"), "2001:db8::1"])
+        self.assertTrue(proxies.trusts(ipaddress.ip_address("192.0.2.200")))
+        self.assertTrue(proxies.trusts(ipaddress.ip_address("2001:db8::1")))
+        self.assertFalse(proxies.trusts(ipaddress.ip_address("2001:db8::2")))
+        self.assertFalse(proxies.trusts(ipaddress.ip_address("192.0.3.1")))

@@ -12,7 +12,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from hermux.access import AccessList
+from hermux.access import AccessList, AuthThrottle
 from hermux.config import Key
 from hermux.access import clientLabel
 from hermux.keypool import KeyPool, dayOf
@@ -26,6 +26,7 @@ KEYS = (
     Key("beta", "sk-or-v1-resource-test-beta-2c3d"),
 )
 ACCESS_TOKEN = "resource-test-access-token-Qw8e"
+OTHER_TOKEN = "resource-test-other-token-Lp3v"
 RELAYED = b"relayed by the stub"
 
 UNKNOWN_PATHS = ("/", "/foo", "/hermux", "/hermux/", "/hermux/nope", "/hermux/health/extra")
@@ -154,6 +155,49 @@ class AuthorizationTests(ResourceTestCase):
         response = self.respond("GET", "/api/v1/models", authorization=f"bearer {ACCESS_TOKEN}")
         self.assertEqual(response.code, 200)
         self.assertEqual(len(self.relay.calls), 1)
+
+
+class GateThrottleTests(ResourceTestCase):
+    """
+    The gate with a throttle, behind a plain twisted.web site (whose
+    requests have no client address on their record: the peer's is used).
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.throttle = AuthThrottle(2, reactor=self.clock)
+        root = buildRoot(
+            self.pool, AccessList([ACCESS_TOKEN, OTHER_TOKEN]), self.relay, throttle=self.throttle
+        )
+        self.stub = StubTreq(root)
+
+    def test_knownClientPasses(self):
+        """
+        A throttled address gets 429 for a token new to it, and is still
+        served with the token that succeeded from it before.
+        """
+        self.assertEqual(self.respond("GET", "/api/v1/models").code, 200)
+        for _ in range(2):
+            self.assertError(self.respond("GET", "/api/v1/models", authorization="wrong"), 401)
+        self.assertError(self.respond("GET", "/api/v1/models", authorization=OTHER_TOKEN), 429)
+        self.assertEqual(self.respond("GET", "/api/v1/models").code, 200)
+        self.assertEqual(len(self.relay.calls), 2)
+
+    def test_twoHeadersWhileThrottled(self):
+        """
+        A throttled address that sends two Authorization headers gets 429,
+        as before the token was looked at.
+        """
+        for _ in range(2):
+            self.respond("GET", "/api/v1/models", authorization="wrong")
+        response = self.successResultOf(
+            self.stub.request(
+                "GET",
+                "http://hermux.test/api/v1/models",
+                headers={"Authorization": [f"Bearer {ACCESS_TOKEN}", f"Bearer {ACCESS_TOKEN}"]},
+            )
+        )
+        self.assertEqual(response.code, 429)
 
 
 class RoutingTests(ResourceTestCase):

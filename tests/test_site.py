@@ -547,6 +547,28 @@ class ThrottleTests(ChannelTestCase):
         self.assertEqual(splitResponse(client.value())[0], 200)
 
 
+class _Lines:
+    def __init__(self):
+        self.lines = []
+
+    def record(self, fields):
+        self.lines.append(fields)
+
+
+class ClientAddressTests(ChannelTestCase):
+    def test_peerWithoutTrustedProxies(self):
+        """
+        A site without trusted proxies takes the peer for the client, and
+        ignores what X-Forwarded-For says: so says its log line.
+        """
+        self.site.requestLog = log = _Lines()
+        self.assertIsNone(self.site.trustedProxies)
+        self.channel.dataReceived(
+            b"GET /hermux/health HTTP/1.1\r\nX-Forwarded-For: 203.0.113.5\r\n\r\n"
+        )
+        self.assertEqual([line["peer"] for line in log.lines], ["192.0.2.7:40000"])
+
+
 class FileLimitTests(SynchronousTestCase):
     """
     L{ensureFileLimit} makes room for --max-connections when it can.

@@ -5,6 +5,7 @@ running it in a child process.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -201,6 +202,56 @@ class HostileOptionsTests(SynchronousTestCase):
         throttle = site.resource.children[b"api"].gate.throttle
         self.assertEqual(throttle.failures, 3)
         self.assertIs(site.resource.children[b"v1"].gate.throttle, throttle)
+
+
+class TrustedProxyOptionTests(SynchronousTestCase):
+    """
+    --trusted-proxy: the peers whose X-Forwarded-For and Forwarded name the
+    client's address.
+    """
+
+    def setUp(self):
+        inDirectoryWithConfiguration(self)
+
+    def test_defaultIsNone(self):
+        self.assertEqual(parseOptions()["trusted-proxy"], [])
+        self.assertEqual(Options()["trusted-proxy"], [])
+
+    def test_repeatable(self):
+        """
+        Each --trusted-proxy adds an address or a network, IPv4 or IPv6.
+        """
+        options = parseOptions(
+            "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1", "--trusted-proxy", "fd00::/8"
+        )
+        self.assertEqual(
+            options["trusted-proxy"],
+            [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "::1/128", "fd00::/8")],
+        )
+
+    def test_bad(self):
+        """
+        What is not an address or a network, or has host bits set, is a
+        usage error that names the option and the value.
+        """
+        for value in ("proxy.local", "10.0.0.1/8", "10.0.0.0/33", "", "10.0.0.0/8,10.1.0.0/16"):
+            error = self.assertRaises(usage.UsageError, parseOptions, "--trusted-proxy", value)
+            self.assertIn(f"--trusted-proxy {value!r}", str(error))
+            self.assertIn("10.0.0.0/8", str(error))
+
+    def test_wired(self):
+        """
+        The networks reach the site, which finds the client address with
+        them.
+        """
+        tokens, allow = writeConfiguration(self)
+        options = parseOptions(
+            "--tokens", tokens, "--allow", allow, "--state", self.mktemp(),
+            "--trusted-proxy", "10.0.0.0/8",
+        )
+        site = makeService(options).site
+        self.assertTrue(site.trustedProxies.trusts(ipaddress.ip_address("10.1.2.3")))
+        self.assertFalse(site.trustedProxies.trusts(ipaddress.ip_address("192.0.2.1")))
 
 
 class AccessLogOptionTests(SynchronousTestCase):
