@@ -220,10 +220,14 @@ def _paymentRequired(headers: Headers, error: dict, metadata: dict, now: float) 
 def _costExceedsBudget(error: dict, metadata: dict) -> bool:
     """
     Whether a 402 is about this one request's estimated cost rather than
-    the account's state: OpenRouter says retrying will not help, or its
-    metadata gives an estimated cost above the budget.  Conservative: any
-    doubt reads as the account's state.
+    the account's state.  OpenRouter's documentation (Limits, "In-flight
+    spending budget") names the case C{metadata.reason}
+    C{weight_exceeds_budget}; an older or other wording that says retrying
+    will not help, or an estimated cost above the budget in the metadata,
+    counts too.  Conservative: any doubt reads as the account's state.
     """
+    if metadata.get("reason") == "weight_exceeds_budget":
+        return True
     if "retrying will not help" in _message(error).lower():
         return True
     cost = _number(metadata.get("estimated_cost"))

@@ -242,21 +242,21 @@ class FakeOpenRouter(Resource):
             headers = {}
             if kind == "in_flight_budget":
                 message = (
-                    "Too many requests in flight for this account's budget; "
-                    "retry when some of them have finished."
+                    "This request would exceed your available credits given your "
+                    "current in-flight requests. Retry after in-flight requests "
+                    "settle, or add credits."
                 )
-                metadata["limit_source"] = "openrouter_in_flight_budget"
+                metadata.update(
+                    reason="in_flight_budget_exhausted", limit_source="openrouter_in_flight_budget"
+                )
                 if retryAfter is not None:
                     headers["Retry-After"] = str(retryAfter)
             elif kind == "request_too_costly":
                 message = (
-                    "This request's estimated cost ($2.40) is larger than the whole "
-                    "in-flight budget ($1.00); retrying will not help. Lower max_tokens "
-                    "or raise the budget."
+                    "This request's estimated cost is larger than your in-flight "
+                    "spending budget. Lower max_tokens or the prompt size, or add credits."
                 )
-                metadata.update(
-                    limit_source="openrouter_credits", estimated_cost=2.4, in_flight_budget=1.0
-                )
+                metadata.update(reason="weight_exceeds_budget", limit_source="openrouter_credits")
             elif kind == "credits":
                 message = (
                     "Insufficient credits. This account never purchased credits. "

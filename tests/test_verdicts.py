@@ -252,7 +252,7 @@ class TooCostlyTests(SynchronousTestCase):
         allKeys(proxy.fake.paymentRequiredNext, "request_too_costly")
         response, body = proxy.chatted()
         self.assertEqual(response.code, 402)
-        self.assertIn("retrying will not help", json.loads(body)["error"]["message"])
+        self.assertEqual(json.loads(body)["error"]["metadata"]["reason"], "weight_exceeds_budget")
         self.assertEqual(attempts(proxy), 2)
         self.assertEqual({s.state for s in proxy.pool.statuses()}, {State.READY})
         self.assertEqual(retries(proxy, "over_budget"), 1)
@@ -399,13 +399,16 @@ class ClassifyTests(SynchronousTestCase):
 
     def test_tooCostlyIsConservative(self):
         """
-        Only C{openrouter_credits} with "retrying will not help", or an
+        Only C{openrouter_credits} with C{reason} C{weight_exceeds_budget}
+        (as OpenRouter documents it), "retrying will not help", or an
         estimated cost above the budget, is about the request; otherwise
         the account is out of credits.
         """
         credits = {"limit_source": "openrouter_credits"}
         cases = (
             (_body(402, credits, "Too costly; retrying will not help."), Kind.OVER_BUDGET),
+            (_body(402, {**credits, "reason": "weight_exceeds_budget"}), Kind.OVER_BUDGET),
+            (_body(402, {**credits, "reason": "in_flight_budget_exhausted"}), Kind.DISABLED),
             (_body(402, {**credits, "estimated_cost": 3, "in_flight_budget": 1}), Kind.OVER_BUDGET),
             (_body(402, {**credits, "estimated_cost": 1, "in_flight_budget": 3}), Kind.DISABLED),
             (_body(402, {**credits, "estimated_cost": "3", "in_flight_budget": 1}), Kind.DISABLED),
