@@ -47,6 +47,7 @@ from hermux.keypool import ERROR, KeyPool, Kind, NoKeyAvailable, Verdict
 from hermux.metrics import Metrics
 from hermux.quota import KEY_STATUSES, classify
 from hermux.record import recordOf
+from hermux.streamwatch import watchStream
 from hermux.upstream import Upstream
 
 
@@ -153,9 +154,10 @@ class _BodyRelay(_BodyReader):
     Writes an upstream response body to the client's request as it arrives.
     """
 
-    def __init__(self, request, kick: Callable[[], None]):
+    def __init__(self, request, kick: Callable[[], None], watch=None):
         super().__init__(kick)
         self._request = request
+        self._watch = watch  # a hermux.streamwatch.StreamWatch, or None
 
     def connectionMade(self):
         self._request.registerProducer(self.transport, True)
@@ -163,6 +165,8 @@ class _BodyRelay(_BodyReader):
     def dataReceived(self, data: bytes):
         self._kick()
         self._request.write(data)
+        if self._watch is not None:
+            self._watch.dataReceived(data)
 
 
 def _causes(failure):
@@ -366,7 +370,7 @@ class _Exchange:
             return await self._settleKeyAnswer(response, key)
         self._relay.pool.report(key, classify(response.code, response.headers, b"", self._now()))
         self._sendHead(response, key, response.length)
-        await self._relayBody(response)
+        await self._relayBody(response, key)
         return False
 
     async def _settleKeyAnswer(self, response, key: Key) -> bool:
@@ -509,9 +513,10 @@ class _Exchange:
         # Send the head now: a streaming client sees it before the first event.
         request.write(b"")
 
-    async def _relayBody(self, response) -> None:
+    async def _relayBody(self, response, key: Key) -> None:
         request = self._request
-        body = _BodyRelay(request, self._watchdog.kick)
+        watch = watchStream(response.headers, lambda v: self._relay.pool.report(key, v), self._now)
+        body = _BodyRelay(request, self._watchdog.kick, watch)
         self._watchdog.onIdle = body.abort
         response.deliverBody(body)
         try:
