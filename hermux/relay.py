@@ -168,6 +168,11 @@ class _BodyRelay(_BodyReader):
         if self._watch is not None:
             self._watch.dataReceived(data)
 
+    def connectionLost(self, reason):
+        if self._watch is not None and reason.check(ResponseDone, PotentialDataLoss):
+            self._watch.finish()
+        super().connectionLost(reason)
+
 
 def _causes(failure):
     """

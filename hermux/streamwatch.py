@@ -161,6 +161,22 @@ class StreamWatch:
             self._tail = b""
             self._log.failure("watching an event stream failed; not watching it further")
 
+    def finish(self) -> None:
+        """
+        The stream ended cleanly: judge a last event that had no blank line
+        after it.  Never raises, like L{dataReceived}.
+        """
+        if self._done or self._skipping or not self._tail:
+            return
+        tail, self._tail = self._tail, b""
+        if _ERROR not in tail:
+            return
+        try:
+            self._events(tail + b"\n\n")
+        except Exception:
+            self._log.failure("watching an event stream failed at its end")
+        self._done = True
+
     def _scan(self, data: bytes) -> None:
         if self._skipping:
             # Keep the last two bytes: a blank line may straddle two reads.

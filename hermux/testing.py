@@ -356,6 +356,37 @@ class FakeOpenRouter(Resource):
 
         self._script(drop, key, times)
 
+    def midStreamErrorNext(
+        self, afterEvents: int = 1, *, code=502, rateLimitReset: float | None = None, key=None, times=1
+    ):
+        """
+        Stream a chat completion (status 200) and, after C{afterEvents}
+        events, end it with an error event as OpenRouter sends an error
+        after the first byte: a top-level C{error} and C{finish_reason}
+        C{"error"}.  With C{rateLimitReset} (POSIX time), the error is a
+        platform rate limit (429, C{rate_limit_exceeded}, with the
+        C{X-RateLimit-*} values in its metadata).
+        """
+
+        def error(request, received):
+            error = {"code": code, "message": "Provider disconnected unexpectedly"}
+            if rateLimitReset is not None:
+                error = {
+                    "code": 429,
+                    "message": "Rate limit exceeded: free-models-per-min.",
+                    "metadata": {
+                        "error_type": "rate_limit_exceeded",
+                        "headers": {
+                            "X-RateLimit-Limit": "20",
+                            "X-RateLimit-Remaining": "0",
+                            "X-RateLimit-Reset": str(int(rateLimitReset * 1000)),
+                        },
+                    },
+                }
+            return self._stream(request, received, errorAfter=(afterEvents, error))
+
+        self._script(error, key, times)
+
     def floodNext(self, size: int | None = None, *, key=None, times=1):
         """
         Answer with C{size} bytes of event-stream comments (without end if
@@ -447,7 +478,7 @@ class FakeOpenRouter(Resource):
             "provider": "hermux-fake",
         }
 
-    def _stream(self, request, received, dropAfter=None):
+    def _stream(self, request, received, dropAfter=None, errorAfter=None):
         asked = json.loads(received.body or b"{}")
         words = _words(asked.get("max_tokens"))
         head = self._completionHead(asked, "chat.completion.chunk")
@@ -456,9 +487,15 @@ class FakeOpenRouter(Resource):
             delta = {"role": "assistant", "content": word if index == 0 else " " + word}
             events.append(_event({**head, "choices": [
                 {"index": 0, "delta": delta, "finish_reason": None}]}))
-        events.append(_event({**head, "choices": [
-            {"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": _usage(words)}))
-        events.append(b"data: [DONE]\n\n")
+        if errorAfter is not None:
+            count, error = errorAfter
+            del events[count:]
+            events.append(_event({**head, "error": error, "choices": [
+                {"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}))
+        else:
+            events.append(_event({**head, "choices": [
+                {"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": _usage(words)}))
+            events.append(b"data: [DONE]\n\n")
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         _EventSender(self._reactor, self.eventInterval, request, events, dropAfter).start()

@@ -157,6 +157,21 @@ class ScannerTests(SynchronousTestCase):
         self.assertEqual(watched.feed(stream), [])
         self.assertEqual(watched.feed(errorEvent()), [ERROR])
 
+    def test_finishJudgesAnUnterminatedEvent(self):
+        watched = Watched()
+        watched.feed(CHUNK, errorEvent().rstrip(b"\n"))
+        self.assertEqual(watched.verdicts, [])
+        watched.watch.finish()
+        self.assertEqual(watched.verdicts, [ERROR])
+        watched.watch.finish()
+        self.assertEqual(watched.verdicts, [ERROR])
+
+    def test_finishAfterACleanStream(self):
+        watched = Watched()
+        watched.feed(CHUNK, b"data: [DONE]")
+        watched.watch.finish()
+        self.assertEqual(watched.verdicts, [])
+
     def test_reportsOnce(self):
         self.assertEqual(Watched().feed(errorEvent(), errorEvent(502), errorEvent()), [ERROR])
 
@@ -278,6 +293,35 @@ class RelayTests(SynchronousTestCase):
         _, status = self.relayed(CHUNK + PROVIDER_LIMIT)
         self.assertEqual((status.errorsToday, status.rateLimitedToday), (0, 1))
         self.assertEqual(status.state, State.READY)
+
+    def test_lastEventWithoutBlankLine(self):
+        """
+        An error event that ends the stream without its blank line is
+        judged when the stream ends cleanly.
+        """
+        _, status = self.relayed(CHUNK + errorEvent().rstrip(b"\n"))
+        self.assertEqual((status.errorsToday, status.rateLimitedToday), (1, 0))
+
+    def test_fakeMidStreamError(self):
+        """
+        The fake OpenRouter's mid-stream error, after a few events, counts
+        as an error of the key that streamed it; the client gets the stream
+        as it was sent.
+        """
+        proxy = MemoryProxy(self, keys=(KEY,), accessTokens=(ACCESS_TOKEN,))
+        proxy.fake.midStreamErrorNext(afterEvents=3)
+        response, received = proxy.chatted(stream=True)
+        self.assertEqual(response.code, 200)
+        self.assertIn(b'"finish_reason": "error"', received)
+        self.assertEqual(received.count(b"\n\n"), 4)
+        self.assertEqual(proxy.pool.statuses()[0].errorsToday, 1)
+
+    def test_fakeMidStreamRateLimit(self):
+        proxy = MemoryProxy(self, keys=(KEY,), accessTokens=(ACCESS_TOKEN,))
+        proxy.fake.midStreamErrorNext(rateLimitReset=RESET)
+        response, _ = proxy.chatted(stream=True)
+        (status,) = proxy.pool.statuses()
+        self.assertEqual((status.state, status.usableAt, status.rateLimitedToday), (State.COOLING, RESET, 1))
 
     def test_notAnEventStream(self):
         """
