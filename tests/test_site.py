@@ -40,7 +40,7 @@ _CLOSED = Failure(ConnectionDone())
 
 
 @implementer(IAgent)
-class _PendingAgent:
+class PendingAgent:
     """
     An agent whose requests never get an answer: enough to see whether a
     request was forwarded.
@@ -57,7 +57,7 @@ class _PendingAgent:
 class ChannelTestCase(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
-        self.agent = _PendingAgent()
+        self.agent = PendingAgent()
         pool = KeyPool([KEY], reactor=self.clock)
         relay = Relay(Upstream(b"https://upstream.test", self.agent), pool, reactor=self.clock)
         access = AccessList([ACCESS_TOKEN.decode()])

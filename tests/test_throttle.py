@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.iweb import IAgent
-from zope.interface import implementer
 
 from hermux.access import AccessList, AuthThrottle, TrustedProxies
 from hermux.config import Key
@@ -28,6 +25,7 @@ from hermux.resource import buildRoot
 from hermux.site import HermuxSite
 from hermux.upstream import Upstream
 from tests.rawhttp import splitResponse
+from tests.test_site import PendingAgent
 
 KEY = Key("alpha", "sk-or-v1-throttle-test-key-41c2")
 ALICE = b"throttle-test-token-alice-Q2m8"
@@ -36,21 +34,6 @@ CAROL = b"throttle-test-token-carol-Hd7x"
 SHARED = "192.0.2.7"
 PROXY = "10.0.0.2"
 _CLOSED = Failure(ConnectionDone())
-
-
-@implementer(IAgent)
-class _PendingAgent:
-    """
-    An agent whose requests never get an answer: enough to see whether a
-    request was forwarded.
-    """
-
-    def __init__(self):
-        self.requests = []
-
-    def request(self, method, uri, headers=None, bodyProducer=None):
-        self.requests.append((method, uri, headers, bodyProducer))
-        return Deferred()
 
 
 class _Lines:
@@ -65,7 +48,7 @@ class ThrottleTestCase(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(1000)
-        self.agent = _PendingAgent()
+        self.agent = PendingAgent()
         pool = KeyPool([KEY], reactor=self.clock)
         relay = Relay(Upstream(b"https://upstream.test", self.agent), pool, reactor=self.clock)
         access = AccessList([ALICE.decode(), BOB.decode(), CAROL.decode()])
