@@ -395,11 +395,7 @@ class _Exchange:
                 self._relay.metrics.retries.labels(verdict.kind.value).inc()
                 self._log.info(
                     "{requestId} {method} {path}: key {key} cannot serve ({reason}); trying another",
-                    requestId=self._record.requestId,
-                    method=self._request.method.decode("ascii", "replace"),
-                    path=self._request.path.decode("ascii", "replace"),
-                    key=key.name,
-                    reason=verdict.reason,
+                    **self._retryFields(key, verdict),
                 )
                 return True
             label, why = stopped
@@ -408,17 +404,26 @@ class _Exchange:
             self._log.warn(
                 "{requestId} {method} {path}: key {key} cannot serve ({reason}); "
                 "not trying another: {why}",
-                requestId=self._record.requestId,
-                method=self._request.method.decode("ascii", "replace"),
-                path=self._request.path.decode("ascii", "replace"),
-                key=key.name,
-                reason=verdict.reason,
                 why=why,
+                **self._retryFields(key, verdict),
             )
         self._sendHead(response, key, len(body))
         self._request.write(body)
         self._request.finish()
         return False
+
+    def _retryFields(self, key: Key, verdict) -> dict:
+        """
+        The fields of a log line about a key that could not serve this
+        request: names only, never a token.
+        """
+        return {
+            "requestId": self._record.requestId,
+            "method": self._request.method.decode("ascii", "replace"),
+            "path": self._request.path.decode("ascii", "replace"),
+            "key": key.name,
+            "reason": verdict.reason,
+        }
 
     def _now(self) -> float:
         return self._relay.reactor.seconds()

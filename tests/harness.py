@@ -137,7 +137,31 @@ def closedFreePort() -> int:
         return s.getsockname()[1]
 
 
-class Proxy:
+class ClientRequests:
+    """
+    Requests to a harness's hermux through its treq C{client}, with the
+    test access token; a harness gives C{url(path)}.
+    """
+
+    def request(self, method, path, *, token=ACCESS_TOKEN, headers=None, data=None):
+        """
+        Send a request to hermux; the Deferred fires with the unbuffered
+        treq response.
+        """
+        headers = dict(headers or {})
+        if token is not None:
+            headers.setdefault("Authorization", f"Bearer {token}")
+        return self.client.request(
+            method, self.url(path), headers=headers, data=data, unbuffered=True
+        )
+
+    def chat(self, **extra):
+        return self.request(
+            "POST", CHAT, headers={"Content-Type": "application/json"}, data=chatBody(**extra)
+        )
+
+
+class Proxy(ClientRequests):
     """
     A L{FakeOpenRouter} and a hermux in front of it, on 127.0.0.1.
 
@@ -241,23 +265,6 @@ class Proxy:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.portNumber}{path}"
-
-    def request(self, method, path, *, token=ACCESS_TOKEN, headers=None, data=None):
-        """
-        Send a request to hermux; the Deferred fires with the unbuffered
-        treq response.
-        """
-        headers = dict(headers or {})
-        if token is not None:
-            headers.setdefault("Authorization", f"Bearer {token}")
-        return self.client.request(
-            method, self.url(path), headers=headers, data=data, unbuffered=True
-        )
-
-    def chat(self, **extra):
-        return self.request(
-            "POST", CHAT, headers={"Content-Type": "application/json"}, data=chatBody(**extra)
-        )
 
     def raw(self, data: bytes) -> Deferred[bytes]:
         """

@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from hermux.relay import BufferedBody
 from hermux.testing import FakeOpenRouter
-from tests.harness import ACCESS_TOKEN, CHAT, KEYS, assembleForTest, chatBody
+from tests.harness import ACCESS_TOKEN, KEYS, ClientRequests, assembleForTest
 
 __all__ = [
     "HERMUX_PORT",
@@ -385,7 +385,7 @@ class RawClient(Protocol):
         self.transport.write(data)
 
 
-class MemoryProxy:
+class MemoryProxy(ClientRequests):
     """
     A L{FakeOpenRouter} and a hermux in front of it, as L{hermux.wiring.assemble} builds
     it, all on one L{MemoryReactorClock} that starts at L{NOW}.  Its
@@ -499,23 +499,6 @@ class MemoryProxy:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{HERMUX_PORT}{path}"
-
-    def request(self, method, path, *, token=ACCESS_TOKEN, headers=None, data=None):
-        """
-        Send a request to hermux; the Deferred fires with the unbuffered
-        treq response once the network is flushed.
-        """
-        headers = dict(headers or {})
-        if token is not None:
-            headers.setdefault("Authorization", f"Bearer {token}")
-        return self.client.request(
-            method, self.url(path), headers=headers, data=data, unbuffered=True
-        )
-
-    def chat(self, **extra):
-        return self.request(
-            "POST", CHAT, headers={"Content-Type": "application/json"}, data=chatBody(**extra)
-        )
 
     def respond(self, method, path, **kwargs):
         """

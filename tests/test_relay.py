@@ -18,7 +18,6 @@ import weakref
 
 from OpenSSL.SSL import Error as TLSError
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -37,6 +36,7 @@ from tests.memory import (
     BUFFER_SIZE,
     UPSTREAM_PORT,
     MemoryProxy,
+    RawClient,
     ScriptedUpstream,
 )
 
@@ -72,20 +72,10 @@ def splitHead(raw: bytes) -> tuple[bytes, bytes]:
     return head + b"\r\n", body
 
 
-class _Reader(Protocol):
+class _Reader(RawClient):
     """
     Keeps a response body as it arrives, and how it ended.
     """
-
-    def __init__(self):
-        self.received = b""
-        self.reason = None
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.reason = reason
 
     def events(self) -> int:
         return self.received.count(b"\n\n")
