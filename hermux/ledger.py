@@ -18,8 +18,17 @@ from __future__ import annotations
 __all__ = [
     "SCHEMA_VERSION",
     "APPLICATION_ID",
+    "MODEL_LENGTH",
+    "MODELS_PER_DAY",
+    "OTHER_MODEL",
+    "UNKNOWN",
+    "COUNTERS",
+    "GROUP_COLUMNS",
     "dayText",
+    "dayNumber",
+    "Counts",
     "KeyUsage",
+    "UsageRow",
     "LedgerError",
     "ILedger",
     "MemoryLedger",
@@ -27,7 +36,6 @@ __all__ = [
 ]
 
 import sqlite3
-from collections import Counter
 from datetime import date, timedelta
 
 import attr
@@ -43,6 +51,32 @@ SCHEMA_VERSION = 1
 # database is taken for hermux's.
 APPLICATION_ID = 0x686D7578
 _EPOCH = date(1970, 1, 1)
+
+# A model name longer than this is cut; beyond MODELS_PER_DAY distinct models
+# on one day, a new one counts as OTHER_MODEL: whatever names clients send,
+# the state stays bounded.
+MODEL_LENGTH = 128
+MODELS_PER_DAY = 500
+OTHER_MODEL = "other"
+# The client of a request no client made (a probe), the model of an answer
+# that named none.
+UNKNOWN = "-"
+# The counters, as the state file's columns and the usage report's fields
+# name them, in the order of Counts.asRow.  cost is in nanocredits (1e-9
+# credits): integers add up without drift.
+COUNTERS = (
+    "requests",
+    "free_requests",
+    "rate_limited",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "cost",
+)
+# What usage can be grouped by.
+GROUP_COLUMNS = ("day", "key", "client", "model")
 
 _SCHEMA = """
 CREATE TABLE key_usage (
@@ -82,11 +116,85 @@ def dayText(day: int) -> str:
     return (_EPOCH + timedelta(days=day)).isoformat()
 
 
+def dayNumber(text: str) -> int:
+    """
+    The UTC day number of an ISO date (C{YYYY-MM-DD}).
+
+    @raise ValueError: if C{text} is not one.
+    """
+    return (date.fromisoformat(text) - _EPOCH).days
+
+
 @attr.frozen
-class KeyUsage:
+class Counts:
+    """
+    What was counted for one day, key, client and model (or a sum of
+    those).  C{cost} is in nanocredits.
+    """
+
     requests: int = 0
+    freeRequests: int = 0
     rateLimited: int = 0
     errors: int = 0
+    promptTokens: int = 0
+    completionTokens: int = 0
+    reasoningTokens: int = 0
+    cachedTokens: int = 0
+    cost: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        if not isinstance(other, Counts):
+            return NotImplemented
+        return Counts(
+            self.requests + other.requests,
+            self.freeRequests + other.freeRequests,
+            self.rateLimited + other.rateLimited,
+            self.errors + other.errors,
+            self.promptTokens + other.promptTokens,
+            self.completionTokens + other.completionTokens,
+            self.reasoningTokens + other.reasoningTokens,
+            self.cachedTokens + other.cachedTokens,
+            self.cost + other.cost,
+        )
+
+    def asRow(self) -> tuple[int, ...]:
+        """
+        The counters in L{COUNTERS}' order.
+        """
+        return (
+            self.requests,
+            self.freeRequests,
+            self.rateLimited,
+            self.errors,
+            self.promptTokens,
+            self.completionTokens,
+            self.reasoningTokens,
+            self.cachedTokens,
+            self.cost,
+        )
+
+    @classmethod
+    def fromRow(cls, row) -> Counts:
+        """
+        The counts of a row of counters in L{COUNTERS}' order.
+        """
+        return cls(*(int(n) for n in row))
+
+
+# The name today's callers know.
+KeyUsage = Counts
+_ZERO = Counts()
+
+
+@attr.frozen
+class UsageRow:
+    """
+    One row of L{ILedger.usage}: the values of the grouping columns, in
+    the order asked for (a day as ISO text), and their counts.
+    """
+
+    group: tuple[str, ...]
+    counts: Counts
 
 
 class LedgerError(Exception):
@@ -102,25 +210,37 @@ class ILedger(Interface):
 
     problem = Attribute("Why counts cannot be stored right now, or None.")
 
-    def keyUsage(day: int) -> dict[str, KeyUsage]:
+    def add(day: int, key: str, client: str, model: str, counts: Counts) -> None:
+        """
+        Add C{counts} to what C{key} served C{client} for C{model} on
+        C{day}.  C{client} is L{UNKNOWN} for a request no client made (a
+        probe), C{model} L{UNKNOWN} when it is not known.  A model name
+        longer than L{MODEL_LENGTH} is cut; beyond L{MODELS_PER_DAY}
+        distinct models on one day, a new one counts as L{OTHER_MODEL}.
+        """
+
+    def keyUsage(day: int) -> dict[str, Counts]:
         """
         Each key's counts for C{day}, by name, including counts not yet
-        written.
+        written.  Synchronous: for startup.
         """
 
-    def clientUsage(day: int) -> dict[str, int]:
+    def clientUsage(day: int) -> dict[str, Counts]:
         """
-        Each client's requests on C{day}, by label.
-        """
-
-    def record(day: int, key: str, requests: int = 0, rateLimited: int = 0, errors: int = 0):
-        """
-        Add to a key's counts for C{day}.
+        Each client's counts for C{day}, by label, including counts not
+        yet written.
         """
 
-    def recordClient(day: int, client: str) -> None:
+    def usage(fromDay: int, toDay: int, groupBy: tuple[str, ...]) -> Deferred:
         """
-        Count one request from a client on C{day}.
+        The counts from C{fromDay} to C{toDay} (inclusive) summed per
+        distinct value of the C{groupBy} columns (names from
+        L{GROUP_COLUMNS}), including counts not yet written: a L{Deferred}
+        that fires with a list of L{UsageRow}, sorted by group.  Never
+        blocks the reactor thread.
+
+        @raise ValueError: if C{groupBy} names something else or a column
+            twice.
         """
 
     def flush() -> Deferred:
@@ -129,49 +249,114 @@ class ILedger(Interface):
         """
 
 
+def _checkGroupBy(groupBy) -> tuple[str, ...]:
+    groupBy = tuple(groupBy)
+    for column in groupBy:
+        if column not in GROUP_COLUMNS:
+            raise ValueError(f"cannot group usage by {column!r}")
+    if len(set(groupBy)) != len(groupBy):
+        raise ValueError("a column named twice in groupBy")
+    return groupBy
+
+
+def _modelName(model: str) -> str:
+    if not model:
+        return UNKNOWN
+    return model[:MODEL_LENGTH]
+
+
+class _Models:
+    """
+    The distinct models of each recent day, so that at most
+    L{MODELS_PER_DAY} of them are kept apart per day (L{UNKNOWN} and
+    L{OTHER_MODEL} not counted).  Only the last few days are remembered.
+    """
+
+    keepDays = 3
+
+    def __init__(self, known: dict[int, set[str]] | None = None):
+        self._days: dict[int, set[str]] = dict(known or {})
+
+    def name(self, day: int, model: str) -> str:
+        model = _modelName(model)
+        if model == UNKNOWN or model == OTHER_MODEL:
+            return model
+        models = self._days.get(day)
+        if models is None:
+            models = self._days[day] = set()
+            if len(self._days) > self.keepDays:
+                for old in sorted(self._days)[: -self.keepDays]:
+                    del self._days[old]
+        if model in models:
+            return model
+        if len(models) >= MODELS_PER_DAY:
+            return OTHER_MODEL
+        models.add(model)
+        return model
+
+
 @implementer(IBatch)
 class _Pending:
     """
-    Counts recorded and not written yet, summed per row: a batch of
-    L{SQLiteLedger}'s writer, whose C{size} is the number of rows it adds
-    to.
+    Counts added and not written yet, summed per day, key, client and
+    model: a batch of L{SQLiteLedger}'s writer, whose C{size} is the
+    number of rows it adds to.
     """
 
     def __init__(self):
-        self.keys: Counter[tuple[int, str, str]] = Counter()
-        self.clients: Counter[tuple[int, str]] = Counter()
+        self.rows: dict[tuple[int, str, str, str], Counts] = {}
 
     @property
     def size(self) -> int:
-        return len(self.keys) + len(self.clients)
+        return len(self.rows)
 
     def extend(self, newer: _Pending):
-        self.keys.update(newer.keys)
-        self.clients.update(newer.clients)
+        for row, counts in newer.rows.items():
+            self.add(row, counts)
 
     def trim(self, size):
         raise NotImplementedError("the ledger keeps every count; its writer has no backlog")
 
-    def record(self, day, key, requests, rateLimited, errors):
-        for column, n in (("requests", requests), ("rate_limited", rateLimited), ("errors", errors)):
-            if n:
-                self.keys[(day, key, column)] += n
+    def add(self, row: tuple[int, str, str, str], counts: Counts) -> None:
+        before = self.rows.get(row)
+        self.rows[row] = counts if before is None else before + counts
 
-    def keyUsage(self, day) -> dict[str, Counter]:
-        usage: dict[str, Counter] = {}
-        for (d, key, column), n in self.keys.items():
-            if d == day:
-                usage.setdefault(key, Counter())[column] += n
+    def byColumn(self, day: int, column: int) -> dict[str, Counts]:
+        """
+        The counts of C{day} summed per key (C{column} 1) or client (2).
+        """
+        usage: dict[str, Counts] = {}
+        for row, counts in self.rows.items():
+            if row[0] == day:
+                name = row[column]
+                usage[name] = usage.get(name, _ZERO) + counts
         return usage
 
+    def grouped(self, fromDay: int, toDay: int, groupBy: tuple[str, ...]) -> dict[tuple, Counts]:
+        """
+        The counts from C{fromDay} to C{toDay}, summed per group.
+        """
+        indexes = [GROUP_COLUMNS.index(c) for c in groupBy]
+        groups: dict[tuple, Counts] = {}
+        for row, counts in self.rows.items():
+            if fromDay <= row[0] <= toDay:
+                group = tuple(
+                    dayText(row[0]) if i == 0 else row[i] for i in indexes
+                )
+                groups[group] = groups.get(group, _ZERO) + counts
+        return groups
 
-def _merged(stored: dict[str, Counter], pending: dict[str, Counter]) -> dict[str, KeyUsage]:
-    names = set(stored) | set(pending)
-    merged = {}
-    for name in names:
-        counts = stored.get(name, Counter()) + pending.get(name, Counter())
-        merged[name] = KeyUsage(counts["requests"], counts["rate_limited"], counts["errors"])
+
+def _merge(*usages: dict) -> dict:
+    merged: dict = {}
+    for usage in usages:
+        for name, counts in usage.items():
+            merged[name] = merged.get(name, _ZERO) + counts
     return merged
+
+
+def _rows(groups: dict[tuple, Counts]) -> list[UsageRow]:
+    return [UsageRow(group, groups[group]) for group in sorted(groups)]
 
 
 @implementer(ILedger)
@@ -185,18 +370,20 @@ class MemoryLedger:
 
     def __init__(self):
         self._counts = _Pending()
+        self._models = _Models()
+
+    def add(self, day, key, client, model, counts):
+        self._counts.add((day, key, client, self._models.name(day, model)), counts)
 
     def keyUsage(self, day):
-        return _merged({}, self._counts.keyUsage(day))
+        return self._counts.byColumn(day, 1)
 
     def clientUsage(self, day):
-        return {c: n for (d, c), n in self._counts.clients.items() if d == day}
+        return self._counts.byColumn(day, 2)
 
-    def record(self, day, key, requests=0, rateLimited=0, errors=0):
-        self._counts.record(day, key, requests, rateLimited, errors)
-
-    def recordClient(self, day, client):
-        self._counts.clients[(day, client)] += 1
+    def usage(self, fromDay, toDay, groupBy):
+        groupBy = _checkGroupBy(groupBy)
+        return succeed(_rows(self._counts.grouped(fromDay, toDay, groupBy)))
 
     def flush(self):
         return succeed(None)
@@ -235,14 +422,12 @@ def _connect(path: str) -> sqlite3.Connection:
         raise LedgerError(f"{path}: cannot use the state file: {e}")
 
 
-def _readKeyUsage(connection, day: int) -> dict[str, Counter]:
+def _readKeyUsage(connection, day: int) -> dict[str, Counts]:
     rows = connection.execute(
         "SELECT key, requests, rate_limited, errors FROM key_usage WHERE day = ?",
         (dayText(day),),
     )
-    return {
-        key: Counter(requests=r, rate_limited=l, errors=e) for key, r, l, e in rows
-    }
+    return {key: Counts(requests=r, rateLimited=l, errors=e) for key, r, l, e in rows}
 
 
 @implementer(ILedger, IBatchTarget)
@@ -272,6 +457,7 @@ class SQLiteLedger(Service):
         self._writer = BatchWriter(
             self, interval=interval, reactor=reactor, stopAttempts=3, threadName="hermux-ledger"
         )
+        self._models = _Models()
         _connect(path).close()
 
     @property
@@ -295,7 +481,7 @@ class SQLiteLedger(Service):
                 stored = _readKeyUsage(connection, day)
             finally:
                 connection.close()
-            return _merged(stored, self._unwritten().keyUsage(day))
+            return _merge(stored, self._unwritten().byColumn(day, 1))
 
     def clientUsage(self, day):
         """
@@ -309,9 +495,11 @@ class SQLiteLedger(Service):
                 ).fetchall()
             finally:
                 connection.close()
-            usage = Counter(dict(rows))
-            usage.update({c: n for (d, c), n in self._unwritten().clients.items() if d == day})
-            return dict(usage)
+            stored = {client: Counts(requests=n) for client, n in rows}
+            return _merge(stored, self._unwritten().byColumn(day, 2))
+
+    def usage(self, fromDay, toDay, groupBy):
+        raise NotImplementedError("schema 2 comes next")
 
     def _unwritten(self) -> _Pending:
         """
@@ -323,11 +511,8 @@ class SQLiteLedger(Service):
             unwritten.extend(batch)
         return unwritten
 
-    def record(self, day, key, requests=0, rateLimited=0, errors=0):
-        self._writer.pending.record(day, key, requests, rateLimited, errors)
-
-    def recordClient(self, day, client):
-        self._writer.pending.clients[(day, client)] += 1
+    def add(self, day, key, client, model, counts):
+        self._writer.pending.add((day, key, client, self._models.name(day, model)), counts)
 
     def startService(self):
         super().startService()
@@ -363,18 +548,21 @@ class SQLiteLedger(Service):
         """
         Add C{batch} to the file in one transaction, in the writer's thread.
         """
-        keyRows: dict[tuple[int, str], list[int]] = {}
-        for (day, key, column), n in batch.keys.items():
-            row = keyRows.setdefault((day, key), [0, 0, 0])
-            row[("requests", "rate_limited", "errors").index(column)] += n
+        keyRows: dict[tuple[int, str], Counts] = {}
+        clientRows: dict[tuple[int, str], int] = {}
+        for (day, key, client, model), counts in batch.rows.items():
+            keyRows[(day, key)] = keyRows.get((day, key), _ZERO) + counts
+            if client != UNKNOWN:
+                clientRows[(day, client)] = clientRows.get((day, client), 0) + counts.requests
         connection = self._connection
         connection.execute("BEGIN IMMEDIATE")
         try:
             connection.executemany(
-                _ADD_KEY_USAGE, [(dayText(d), k, *row) for (d, k), row in keyRows.items()]
+                _ADD_KEY_USAGE,
+                [(dayText(d), k, c.requests, c.rateLimited, c.errors) for (d, k), c in keyRows.items()],
             )
             connection.executemany(
-                _ADD_CLIENT_USAGE, [(dayText(d), c, n) for (d, c), n in batch.clients.items()]
+                _ADD_CLIENT_USAGE, [(dayText(d), c, n) for (d, c), n in clientRows.items()]
             )
             connection.execute("COMMIT")
         except BaseException:
