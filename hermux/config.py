@@ -24,11 +24,15 @@ __all__ = [
 import csv
 import io
 import re
+from decimal import Decimal, InvalidOperation
 
 import attr
 
 _KEY_COLUMNS = ("name", "token")
-_OPTIONAL_COLUMNS = ("daily_limit",)
+_OPTIONAL_COLUMNS = ("daily_limit", "daily_cost")
+_NANOCREDITS = 10**9
+# No account spends a million credits a day: a larger daily_cost is a typo.
+_DAILY_COST_LARGEST = Decimal(10**6)
 _NAME = re.compile(r"[\x20-\x7e]{1,64}")
 # A secret travels in an Authorization header: visible ASCII, no spaces.
 _SECRET = re.compile(r"[\x21-\x7e]+")
@@ -46,6 +50,7 @@ class Key:
     name: str
     token: str = attr.field(repr=False)
     dailyLimit: int | None = None
+    dailyCost: int | None = None  # nanocredits
 
 
 class ConfigError(Exception):
@@ -86,7 +91,8 @@ def _readText(path: str) -> str:
 def loadKeys(path: str) -> tuple[Key, ...]:
     """
     Read the upstream keys from a CSV file with the header C{name,token} and
-    an optional third column C{daily_limit}.
+    the optional columns C{daily_limit} (free-model requests a UTC day) and
+    C{daily_cost} (credits a UTC day), in either order.
     """
     return parseKeys(_readText(path), path)
 
@@ -106,18 +112,23 @@ def parseKeys(text: str, path: str = "tokens.csv") -> tuple[Key, ...]:
         raise ConfigError(path, "empty file; expected the header 'name,token'")
     lineNumber, columns = header
     columns = [c.strip().lower() for c in columns]
-    if tuple(columns) not in (_KEY_COLUMNS, _KEY_COLUMNS + _OPTIONAL_COLUMNS):
+    optional = columns[2:]
+    if (
+        tuple(columns[:2]) != _KEY_COLUMNS
+        or any(c not in _OPTIONAL_COLUMNS for c in optional)
+        or len(set(optional)) != len(optional)
+    ):
         raise ConfigError(
             path,
-            "the first line must be the header 'name,token' "
-            "(or 'name,token,daily_limit')",
+            "the first line must be the header 'name,token', optionally followed "
+            "by the columns daily_limit and daily_cost (e.g. 'name,token,daily_limit,daily_cost')",
             lineNumber,
         )
     keys: list[Key] = []
     namesSeen: dict[str, int] = {}
     tokensSeen: dict[str, int] = {}
     for lineNumber, row in rows:
-        key = _parseKeyRow(row, len(columns), path, lineNumber)
+        key = _parseKeyRow(row, columns, path, lineNumber)
         if key.name in namesSeen:
             raise ConfigError(
                 path,
@@ -153,7 +164,8 @@ def _nonBlankRows(reader, path):
             yield reader.line_num, row
 
 
-def _parseKeyRow(row: list[str], width: int, path: str, line: int) -> Key:
+def _parseKeyRow(row: list[str], columns: list[str], path: str, line: int) -> Key:
+    width = len(columns)
     if len(row) != width:
         raise ConfigError(
             path, f"expected {width} columns, found {len(row)}", line
@@ -176,18 +188,45 @@ def _parseKeyRow(row: list[str], width: int, path: str, line: int) -> Key:
             f"the token for {name!r} contains spaces or non-ASCII characters",
             line,
         )
-    dailyLimit = None
-    if width == 3 and row[2].strip():
-        text = row[2].strip()
+    fields = {column: value.strip() for column, value in zip(columns[2:], row[2:])}
+    dailyLimit = dailyCost = None
+    text = fields.get("daily_limit")
+    if text:
         if not text.isascii() or not text.isdigit():
             raise ConfigError(
                 path,
-                f"daily_limit for {name!r} must be a whole number of "
+                f"daily_limit for {name!r} must be a whole number of free-model "
                 f"requests, 0 or more (or empty for no limit), not {text!r}",
                 line,
             )
         dailyLimit = int(text)
-    return Key(name=name, token=token, dailyLimit=dailyLimit)
+    text = fields.get("daily_cost")
+    if text:
+        dailyCost = _nanocredits(text)
+        if dailyCost is None:
+            raise ConfigError(
+                path,
+                f"daily_cost for {name!r} must be a number of credits, 0 or more "
+                f"(such as 2.5; or empty for no limit), not {text!r}",
+                line,
+            )
+    return Key(name=name, token=token, dailyLimit=dailyLimit, dailyCost=dailyCost)
+
+
+def _nanocredits(text: str) -> int | None:
+    """
+    A decimal number of credits (C{"2.5"}) as whole nanocredits, or L{None}
+    if it is not a sane one.
+    """
+    if not text.isascii() or not all(c.isdigit() or c == "." for c in text):
+        return None
+    try:
+        credits = Decimal(text)
+    except InvalidOperation:
+        return None
+    if not credits.is_finite() or credits < 0 or credits > _DAILY_COST_LARGEST:
+        return None
+    return int((credits * _NANOCREDITS).to_integral_value())
 
 
 def loadAccessTokens(path: str) -> tuple[str, ...]:

@@ -4,24 +4,35 @@ The key pool: which upstream key serves the next request, and what is known
 of each key's allowance today.
 
 A key is ready, cooling (rate limited for a moment), exhausted (its daily
-allowance is spent) or disabled (the upstream refused it).  The pool hands
-out the ready key with the fewest requests today (UTC); a new UTC day starts
-every key again at zero.  It knows nothing of HTTP: what an upstream answer
-means for a key arrives as a L{Verdict}.
+allowance is spent) or disabled (the upstream refused it).  Free-model and
+paid requests draw on different allowances of an account (OpenRouter caps
+free-model requests per day; paid ones spend credits), so a key may also be
+kept from one of the two only (L{Scope}).  The pool hands out, for a
+free-model request, the usable key with the fewest free-model requests
+today (UTC); for a paid one, the key that spent the fewest credits today;
+for a request that names no model, the key with the fewest requests.  A new
+UTC day starts every key again at zero.  It knows nothing of HTTP: what an
+upstream answer means for a key arrives as a L{Verdict}, and what it used
+as a L{hermux.usage.Usage}.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "SECONDS_PER_DAY",
+    "NANOCREDITS",
     "dayOf",
     "isoTime",
     "nextMidnight",
+    "creditsText",
     "State",
     "Kind",
+    "Scope",
     "Verdict",
     "OK",
     "ERROR",
+    "Use",
+    "Attempt",
     "KeyStatus",
     "NoKeyAvailable",
     "KeyPool",
@@ -31,15 +42,21 @@ import random
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import attr
 from twisted.application.service import Service
 from twisted.logger import Logger
 
 from hermux.config import Key
-from hermux.ledger import ILedger, KeyUsage, MemoryLedger
+from hermux.ledger import UNKNOWN, Counts, ILedger, MemoryLedger
+
+if TYPE_CHECKING:
+    from hermux.usage import Usage
 
 SECONDS_PER_DAY = 86400
+# Costs are counted in nanocredits (integers), so that sums never drift.
+NANOCREDITS = 10**9
 
 
 def dayOf(when: float) -> int:
@@ -54,7 +71,7 @@ def _untilText(when: float | None) -> str:
     When a key is usable again, for a log line: a time, or what must happen.
     """
     if when is None:
-        return "the configuration is reloaded"
+        return "the configuration is reloaded or the prober finds it accepted again"
     return isoTime(when)
 
 
@@ -70,6 +87,13 @@ def nextMidnight(when: float) -> float:
     The POSIX time of the UTC midnight after C{when}.
     """
     return (dayOf(when) + 1) * SECONDS_PER_DAY
+
+
+def creditsText(nanocredits: int) -> str:
+    """
+    A count of nanocredits as credits, for people.
+    """
+    return f"{nanocredits / NANOCREDITS:g}"
 
 
 class State(Enum):
@@ -95,6 +119,18 @@ class Kind(Enum):
     DISABLED = "disabled"
 
 
+class Scope(Enum):
+    """
+    Which requests a verdict keeps from a key: all, or only free-model or
+    only paid ones (an account out of credits still serves free models; one
+    whose free-model requests are used up still serves paid ones).
+    """
+
+    ALL = "all"
+    FREE = "free"
+    PAID = "paid"
+
+
 @attr.frozen
 class Verdict:
     """
@@ -106,12 +142,15 @@ class Verdict:
     @ivar cause: a short name for what the answer said (C{"credits"},
         C{"key_limit"}, ...), by which the relay tells answers of the same
         kind apart from others.
+    @ivar scope: which requests the key is kept from (exhausted or disabled
+        for free-model or paid requests only, or for all).
     """
 
     kind: Kind
     until: float | None = None
     reason: str | None = None
     cause: str | None = None
+    scope: Scope = Scope.ALL
 
     @property
     def penalizes(self) -> bool:
@@ -126,9 +165,29 @@ ERROR = Verdict(Kind.ERROR)
 
 
 @attr.frozen
+class Use:
+    """
+    What one client request is, for choosing its key and counting it.
+
+    @ivar client: the label of the client it is made for (C{"-"}: none).
+    @ivar model: the model the request names (C{"-"}: none).
+    @ivar free: L{True} for a free-model request (every model it names is a
+        C{:free} variant), L{False} for a paid one, L{None} when it names no
+        model (C{GET /models}).
+    """
+
+    client: str = UNKNOWN
+    model: str = UNKNOWN
+    free: bool | None = None
+
+
+@attr.frozen
 class KeyStatus:
     """
     A key as C{/hermux/keys} and the metrics show it: never its token.
+
+    @ivar freeReason: why the key serves no free-model request now, or
+        L{None} if it does; C{paidReason} likewise for paid requests.
     """
 
     name: str
@@ -139,6 +198,11 @@ class KeyStatus:
     errorsToday: int
     usableAt: float | None
     reason: str | None
+    freeRequestsToday: int = 0
+    costToday: int = 0
+    dailyCost: int | None = None
+    freeReason: str | None = None
+    paidReason: str | None = None
 
 
 class NoKeyAvailable(Exception):
@@ -157,57 +221,128 @@ class NoKeyAvailable(Exception):
 @attr.s(auto_attribs=True)
 class _Account:
     """
-    One key and what the pool knows of it today.
+    One key and what the pool knows of it today.  Free-model requests are
+    capped by C{dailyLimit} (what OpenRouter caps), paid ones by
+    C{dailyCost} (nanocredits a day); C{freeUntil} and C{paidUntil} keep the
+    key from one kind of request only, after the upstream said so.
     """
 
     key: Key
     dailyLimit: int | None
     requests: int = 0
+    freeRequests: int = 0
     rateLimited: int = 0
     errors: int = 0
+    cost: int = 0
     coolingUntil: float = 0.0
     coolingReason: str | None = None
     exhaustedUntil: float = 0.0
     exhaustedReason: str | None = None
+    freeUntil: float = 0.0
+    freeUntilReason: str | None = None
+    paidUntil: float = 0.0
+    paidUntilReason: str | None = None
     disabled: bool = False
     disabledUntil: float | None = None
     disabledReason: str | None = None
 
-    def _limitReached(self) -> bool:
-        return self.dailyLimit is not None and self.requests >= self.dailyLimit
+    @property
+    def dailyCost(self) -> int | None:
+        return self.key.dailyCost
+
+    def takeCounts(self, counts) -> None:
+        self.requests = counts.requests
+        self.freeRequests = counts.freeRequests
+        self.rateLimited = counts.rateLimited
+        self.errors = counts.errors
+        self.cost = counts.cost
+
+    def counts(self) -> Counts:
+        return Counts(
+            requests=self.requests,
+            freeRequests=self.freeRequests,
+            rateLimited=self.rateLimited,
+            errors=self.errors,
+            cost=self.cost,
+        )
+
+    def resetDay(self) -> None:
+        self.requests = self.freeRequests = self.rateLimited = self.errors = self.cost = 0
+
+    def _freeLimitReached(self) -> bool:
+        return self.dailyLimit is not None and self.freeRequests >= self.dailyLimit
+
+    def _costLimitReached(self) -> bool:
+        return self.dailyCost is not None and self.cost >= self.dailyCost
+
+    def freeUsableAt(self, now: float) -> float:
+        """
+        When free-model requests may go to this key again, as far as its
+        free allowance goes: C{now} if they may.
+        """
+        until = self.freeUntil if now < self.freeUntil else now
+        if self._freeLimitReached():
+            until = max(until, nextMidnight(now))
+        return until
+
+    def paidUsableAt(self, now: float) -> float:
+        until = self.paidUntil if now < self.paidUntil else now
+        if self._costLimitReached():
+            until = max(until, nextMidnight(now))
+        return until
 
     def state(self, now: float) -> State:
         if self.disabled and (self.disabledUntil is None or now < self.disabledUntil):
             return State.DISABLED
-        if now < self.exhaustedUntil or self._limitReached():
+        if now < self.exhaustedUntil:
+            return State.EXHAUSTED
+        if self.freeUsableAt(now) > now and self.paidUsableAt(now) > now:
             return State.EXHAUSTED
         if now < self.coolingUntil:
             return State.COOLING
         return State.READY
 
-    def usableAt(self, now: float) -> float | None:
+    def usableAt(self, now: float, free: bool | None = None) -> float | None:
         """
-        When this key can serve again: C{now} if it can, L{None} if not
-        before the configuration is reloaded.
+        When this key can serve again (a request of the kind C{free} says,
+        see L{Use.free}): C{now} if it can, L{None} if not before the
+        configuration is reloaded.
         """
-        state = self.state(now)
-        if state is State.DISABLED:
+        if self.disabled and (self.disabledUntil is None or now < self.disabledUntil):
             return self.disabledUntil
-        if state is State.EXHAUSTED:
-            if self._limitReached():
-                return max(self.exhaustedUntil, nextMidnight(now))
-            return self.exhaustedUntil
-        if state is State.COOLING:
-            return self.coolingUntil
-        return now
+        until = max(now, self.exhaustedUntil, self.coolingUntil)
+        if free is True:
+            until = max(until, self.freeUsableAt(now))
+        elif free is False:
+            until = max(until, self.paidUsableAt(now))
+        else:
+            until = max(until, min(self.freeUsableAt(now), self.paidUsableAt(now)))
+        return until
 
-    def reason(self, state: State) -> str | None:
+    def serves(self, free: bool | None, now: float) -> bool:
+        return self.usableAt(now, free) == now
+
+    def _freeReason(self, now: float) -> str | None:
+        if now < self.freeUntil:
+            return self.freeUntilReason
+        if self._freeLimitReached():
+            return f"its daily_limit of {self.dailyLimit} free-model requests is reached"
+        return None
+
+    def _paidReason(self, now: float) -> str | None:
+        if now < self.paidUntil:
+            return self.paidUntilReason
+        if self._costLimitReached():
+            return f"its daily_cost of {creditsText(self.dailyCost)} credits is spent"
+        return None
+
+    def reason(self, state: State, now: float) -> str | None:
         if state is State.DISABLED:
             return self.disabledReason
         if state is State.EXHAUSTED:
-            if self._limitReached():
-                return f"its daily_limit of {self.dailyLimit} requests is reached"
-            return self.exhaustedReason
+            if now < self.exhaustedUntil:
+                return self.exhaustedReason
+            return f"free-model requests: {self._freeReason(now)}; paid requests: {self._paidReason(now)}"
         if state is State.COOLING:
             return self.coolingReason
         return None
@@ -222,15 +357,98 @@ class _Account:
             rateLimitedToday=self.rateLimited,
             errorsToday=self.errors,
             usableAt=None if state is State.READY else self.usableAt(now),
-            reason=self.reason(state),
+            reason=self.reason(state, now),
+            freeRequestsToday=self.freeRequests,
+            costToday=self.cost,
+            dailyCost=self.dailyCost,
+            freeReason=self._freeReason(now),
+            paidReason=self._paidReason(now),
         )
+
+    def prefers(self, free: bool | None):
+        """
+        The sort key by which the pool picks among usable keys for a request
+        of the kind C{free} says: the fewest free-model requests for a free
+        one, the fewest credits spent (then requests) for a paid one, the
+        fewest requests otherwise.
+        """
+        if free is True:
+            return self.freeRequests
+        if free is False:
+            return (self.cost, self.requests)
+        return self.requests
+
+
+class Attempt:
+    """
+    One request sent upstream with one key.  The pool counts it when it
+    chooses the key (so that requests made at the same moment spread); what
+    the answer meant and what it used are added as they are known, and the
+    whole goes to the ledger in one row when the attempt is L{close}d, under
+    the model the answer named (OpenRouter checked it), else the request's.
+    """
+
+    def __init__(self, pool: KeyPool, key: Key, use: Use, day: int):
+        self.key = key
+        self.use = use
+        self._pool = pool
+        self._day = day
+        self._counts = Counts(requests=1, freeRequests=1 if use.free else 0)
+        self._model: str | None = None
+        self._closed = False
+
+    def report(self, verdict: Verdict) -> None:
+        """
+        Learn what the upstream's answer to this attempt means for its key.
+        """
+        counted = self._pool._judge(self.key, verdict, self._day)
+        if counted is None:
+            return
+        if self._closed:
+            self._pool._ledger.add(self._day, self.key.name, self.use.client, self.model, counted)
+        else:
+            self._counts = self._counts + counted
+
+    def charge(self, usage: Usage) -> None:
+        """
+        Add what the answer says it used (tokens, cost) to this attempt.
+        """
+        if self._closed:
+            return
+        self._model = usage.model or self._model
+        self._counts = self._counts + Counts(
+            promptTokens=usage.promptTokens,
+            completionTokens=usage.completionTokens,
+            reasoningTokens=usage.reasoningTokens,
+            cachedTokens=usage.cachedTokens,
+            cost=usage.cost,
+        )
+        self._pool._spent(self.key, usage.cost, self._day)
+
+    @property
+    def counts(self) -> Counts:
+        return self._counts
+
+    @property
+    def model(self) -> str:
+        return self._model or self.use.model
+
+    def close(self) -> None:
+        """
+        Write this attempt's counts to the ledger, once.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._pool._ledger.add(self._day, self.key.name, self.use.client, self.model, self._counts)
 
 
 class KeyPool(Service):
     """
-    Hands out the least-used ready key, counting each key when it is chosen
-    so that requests made at the same moment spread evenly.  Ties are broken
-    at random, so that no key is always first.
+    Hands out the least-used usable key (see L{_Account.prefers}), counting
+    each key when it is chosen so that requests made at the same moment
+    spread evenly.  Ties are broken at random, so that no key is always
+    first.
 
     Today's counts come from the C{ledger} at start, so that least-used
     carries on across restarts, and every count goes to it.
@@ -269,9 +487,7 @@ class KeyPool(Service):
         for name, account in self._accounts.items():
             counts = usage.pop(name, None)
             if counts is not None:
-                account.requests = counts.requests
-                account.rateLimited = counts.rateLimited
-                account.errors = counts.errors
+                account.takeCounts(counts)
         self._retired = usage
 
     def _now(self) -> float:
@@ -284,7 +500,7 @@ class KeyPool(Service):
             self._day = day
             self._retired = {}
             for account in self._accounts.values():
-                account.requests = account.rateLimited = account.errors = 0
+                account.resetDay()
             self._log.info("a new UTC day began: every key starts again at zero")
         return now
 
@@ -295,89 +511,153 @@ class KeyPool(Service):
         self._now()
         return {name: account.requests for name, account in self._accounts.items()}
 
-    def acquire(self, exclude: Iterable[str] = ()) -> Key:
+    def freeRequestCounts(self) -> dict[str, int]:
+        """
+        How many free-model requests each key (by name) has served today.
+        """
+        self._now()
+        return {name: account.freeRequests for name, account in self._accounts.items()}
+
+    def acquire(self, exclude: Iterable[str] = (), use: Use = Use()) -> Attempt:
         """
         Choose the key for one request to the upstream, and count it.
 
         @param exclude: names of keys not to choose (already tried).
-        @raise NoKeyAvailable: if no key not excluded is ready.
+        @param use: what the request is: free-model, paid, or neither.
+        @raise NoKeyAvailable: if no key not excluded can serve it.
         """
         now = self._now()
-        fewest = None
+        free = use.free
+        best = None
         candidates: list[_Account] = []
         for account in self._accounts.values():
-            if account.key.name in exclude or account.state(now) is not State.READY:
+            if account.key.name in exclude or not account.serves(free, now):
                 continue
-            if fewest is None or account.requests < fewest:
-                fewest = account.requests
+            rank = account.prefers(free)
+            if best is None or rank < best:
+                best = rank
                 candidates = [account]
-            elif account.requests == fewest:
+            elif rank == best:
                 candidates.append(account)
         if not candidates:
-            raise NoKeyAvailable(self.usableAt(now))
+            raise NoKeyAvailable(self.usableAt(now, free))
         account = self._random.choice(candidates)
         account.requests += 1
-        self._ledger.record(self._day, account.key.name, requests=1)
-        return account.key
+        if free:
+            account.freeRequests += 1
+        return Attempt(self, account.key, use, self._day)
 
-    def usableAt(self, now: float | None = None) -> float | None:
+    def usableAt(self, now: float | None = None, free: bool | None = None) -> float | None:
         """
-        When the first key becomes usable, or L{None} if none will before the
+        When the first key becomes usable for a request of the kind C{free}
+        says (see L{Use.free}), or L{None} if none will before the
         configuration changes.
         """
         if now is None:
             now = self._now()
-        times = [account.usableAt(now) for account in self._accounts.values()]
+        times = [account.usableAt(now, free) for account in self._accounts.values()]
         known = [t for t in times if t is not None]
         return min(known) if known else None
 
     def report(self, key: Key, verdict: Verdict) -> None:
         """
-        Learn what an upstream answer to a request made with C{key} means.
+        Learn what an upstream answer to a request made with C{key} outside
+        any client request (the prober's) means.
+        """
+        counted = self._judge(key, verdict, self._day)
+        if counted is not None:
+            self._ledger.add(self._day, key.name, UNKNOWN, UNKNOWN, counted)
+
+    def _account(self, key: Key, day: int) -> _Account | None:
+        """
+        The account of C{key} if it is still configured and C{day} is
+        today: a key removed or replaced by a reload, or an answer to a
+        request of an earlier day, changes no count of today.
+        """
+        self._now()
+        account = self._accounts.get(key.name)
+        if account is None or account.key != key or day != self._day:
+            return None
+        return account
+
+    def _judge(self, key: Key, verdict: Verdict, day: int) -> Counts | None:
+        """
+        Apply C{verdict} to C{key}'s state; return what it adds to the
+        counts (a rate-limited answer, an error), or L{None}.
         """
         now = self._now()
-        account = self._accounts.get(key.name)
-        if account is None or account.key != key:
-            return  # a key removed from the configuration meanwhile
         kind = verdict.kind
         if kind in (Kind.BUSY, Kind.COOLING, Kind.EXHAUSTED):
-            account.rateLimited += 1
-            self._ledger.record(self._day, key.name, rateLimited=1)
+            counted = Counts(rateLimited=1)
         elif kind in (Kind.ERROR, Kind.OVER_BUDGET, Kind.DISABLED):
-            account.errors += 1
-            self._ledger.record(self._day, key.name, errors=1)
-        if kind is Kind.COOLING:
-            account.coolingUntil = max(account.coolingUntil, verdict.until or now)
+            counted = Counts(errors=1)
+        else:
+            return None
+        account = self._account(key, day)
+        if account is None:
+            return counted
+        account.rateLimited += counted.rateLimited
+        account.errors += counted.errors
+        if not self._apply(account, verdict, now):
+            return counted
+        state = account.state(now)
+        scope = verdict.scope
+        self._log.warn(
+            "key {key} is {state}{scopeNote} until {until}: {reason}",
+            key=key.name,
+            state=state.value if scope is Scope.ALL else kind.value,
+            scopeNote="" if scope is Scope.ALL else f" for {scope.value} requests",
+            until=_untilText(account.usableAt(now, _SCOPE_FREE[scope])),
+            reason=verdict.reason or account.reason(state, now) or "-",
+        )
+        return counted
+
+    def _apply(self, account: _Account, verdict: Verdict, now: float) -> bool:
+        """
+        Change C{account}'s state as C{verdict} says; return whether it did.
+        """
+        kind, scope = verdict.kind, verdict.scope
+        until = verdict.until
+        if scope is Scope.FREE and kind in (Kind.EXHAUSTED, Kind.DISABLED):
+            account.freeUntil = max(account.freeUntil, until or nextMidnight(now))
+            account.freeUntilReason = verdict.reason
+        elif scope is Scope.PAID and kind in (Kind.EXHAUSTED, Kind.DISABLED):
+            account.paidUntil = max(account.paidUntil, until or nextMidnight(now))
+            account.paidUntilReason = verdict.reason
+        elif kind is Kind.COOLING:
+            account.coolingUntil = max(account.coolingUntil, until or now)
             account.coolingReason = verdict.reason
         elif kind is Kind.EXHAUSTED:
-            account.exhaustedUntil = max(account.exhaustedUntil, verdict.until or now)
+            account.exhaustedUntil = max(account.exhaustedUntil, until or now)
             account.exhaustedReason = verdict.reason
         elif kind is Kind.DISABLED:
             account.disabled = True
-            account.disabledUntil = verdict.until
+            account.disabledUntil = until
             account.disabledReason = verdict.reason or "refused by the upstream"
         else:
-            return
-        state = account.state(now)
-        self._log.warn(
-            "key {key} is {state} until {until}: {reason}",
-            key=key.name,
-            state=state.value,
-            until=_untilText(account.usableAt(now)),
-            reason=account.reason(state) or "-",
-        )
+            return False
+        return True
+
+    def _spent(self, key: Key, cost: int, day: int) -> None:
+        account = self._account(key, day)
+        if account is not None:
+            account.cost += cost
 
     def seed(self, name: str, *, used: int | None = None, limit: int | None = None) -> None:
         """
-        Take what the upstream says of a key's day: requests already C{used}
-        (if more than hermux counted) and its daily C{limit} (unless the
-        configuration sets one).
+        Take what the upstream says of a key's day: free-model requests
+        already C{used} (if more than hermux counted) and its daily C{limit}
+        of them (unless the configuration sets one).
         """
         self._now()
         account = self._accounts[name]
-        if used is not None and used > account.requests:
-            self._ledger.record(self._day, name, requests=used - account.requests)
-            account.requests = used
+        if used is not None and used > account.freeRequests:
+            more = used - account.freeRequests
+            self._ledger.add(
+                self._day, name, UNKNOWN, UNKNOWN, Counts(requests=more, freeRequests=more)
+            )
+            account.requests += more
+            account.freeRequests = used
         if limit is not None and account.key.dailyLimit is None:
             account.dailyLimit = limit
 
@@ -396,27 +676,18 @@ class KeyPool(Service):
             account = _Account(key, key.dailyLimit)
             before = old.get(key.name)
             if before is not None:
-                account.coolingUntil = before.coolingUntil
-                account.coolingReason = before.coolingReason
-                account.exhaustedUntil = before.exhaustedUntil
-                account.exhaustedReason = before.exhaustedReason
-            counts = before or self._retired.pop(key.name, None)
-            if counts is not None:
-                account.requests = counts.requests
-                account.rateLimited = counts.rateLimited
-                account.errors = counts.errors
+                for name in _CARRIED_STATE:
+                    setattr(account, name, getattr(before, name))
+                account.takeCounts(before.counts())
+            else:
+                counts = self._retired.pop(key.name, None)
+                if counts is not None:
+                    account.takeCounts(counts)
             accounts[key.name] = account
         for name, account in old.items():
             if name not in accounts:
-                self._retired[name] = KeyUsage(account.requests, account.rateLimited, account.errors)
+                self._retired[name] = account.counts()
         self._accounts = accounts
-
-    def countClient(self, label: str) -> None:
-        """
-        Count one request from the client labelled C{label} in today's usage.
-        """
-        self._now()
-        self._ledger.recordClient(self._day, label)
 
     def statuses(self) -> list[KeyStatus]:
         """
@@ -463,3 +734,20 @@ class KeyPool(Service):
             reason=reason,
         )
         return True
+
+
+# Which kind of request (Use.free) a verdict of each scope is about.
+_SCOPE_FREE = {Scope.ALL: None, Scope.FREE: True, Scope.PAID: False}
+
+# What a key kept by a reload keeps of its state (not being disabled: a
+# reload gives a refused key another chance).
+_CARRIED_STATE = (
+    "coolingUntil",
+    "coolingReason",
+    "exhaustedUntil",
+    "exhaustedReason",
+    "freeUntil",
+    "freeUntilReason",
+    "paidUntil",
+    "paidUntilReason",
+)

@@ -153,7 +153,7 @@ class KeyProbe(Service):
             return
         if key not in self._pool.keys:
             return  # removed or replaced by a reload meanwhile
-        counted = self._pool.requestCounts().get(key.name, 0)
+        counted = self._pool.freeRequestCounts().get(key.name, 0)
         self._pool.seed(key.name, used=used, limit=limit)
         if verbose or used > counted:
             self._log.info(

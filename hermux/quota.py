@@ -20,8 +20,11 @@ is.  The verdicts, one per row of README's key-state table:
   - 402 C{openrouter_in_flight_budget} cools the key until C{Retry-After}
     (else 10 s); 402 C{openrouter_credits} about this request's own
     estimated cost, larger than the whole budget, is L{Kind.OVER_BUDGET}
-    (no penalty; one other key may try); any other 402 (out of credits, a
-    negative balance) disables the key until the next 00:00 UTC.
+    (no penalty; one other key may try); any other 402 on a paid request
+    (out of credits) keeps the key from paid requests until the next 00:00
+    UTC, while it goes on serving free ones; a 402 that says the balance is
+    negative, or one on a free-model request (which only a negative
+    balance gives), disables it for everything until then.
   - 403 with C{limit_source} C{openrouter_key_limit},
     C{openrouter_guardrail_budget} or C{openrouter_workspace_budget}
     exhausts the key until C{resets_at}; any other 403 (moderation,
@@ -49,7 +52,7 @@ from email.utils import parsedate_to_datetime
 
 from twisted.web.http_headers import Headers
 
-from hermux.keypool import ERROR, OK, Kind, Verdict, nextMidnight
+from hermux.keypool import ERROR, OK, Kind, Scope, Verdict, nextMidnight
 
 # Statuses whose body hermux reads before answering, since they may mean
 # that another key should be tried.
@@ -78,10 +81,14 @@ EXHAUSTED_LONGEST = 25 * 3600.0
 _RATE_LIMIT_HEADERS = frozenset({"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"})
 
 
-def classify(status: int, headers: Headers, body: bytes, now: float) -> Verdict:
+def classify(
+    status: int, headers: Headers, body: bytes, now: float, free: bool | None = None
+) -> Verdict:
     """
     What an answer with C{status}, C{headers} and (for L{KEY_STATUSES}) its
-    C{body} means for the key that got it, at POSIX time C{now}.
+    C{body} means for the key that got it, at POSIX time C{now}, for a
+    request that was for free models only (C{free} L{True}), for a paid
+    model (L{False}) or for none (L{None}; see L{hermux.keypool.Use}).
     """
     if status < 400:
         return OK
@@ -97,7 +104,7 @@ def classify(status: int, headers: Headers, body: bytes, now: float) -> Verdict:
     if status == 429:
         return _rateLimited(headers, error, metadata, now)
     if status == 402:
-        return _paymentRequired(headers, error, metadata, now)
+        return _paymentRequired(headers, error, metadata, now, free)
     if status == 403:
         return _forbidden(metadata, now)
     # OpenRouter's own 401s ("User not found.", "No auth credentials found")
@@ -161,7 +168,11 @@ def _rateLimited(headers: Headers, error: dict, metadata: dict, now: float) -> V
         else:
             until = nextMidnight(now)
         return Verdict(
-            Kind.EXHAUSTED, until, "the daily free-model requests are used up (429)", cause="per_day"
+            Kind.EXHAUSTED,
+            until,
+            "the daily free-model requests are used up (429)",
+            cause="per_day",
+            scope=Scope.FREE,
         )
     if reset is None or reset <= now:
         reset = _retryAfter(headers, now)
@@ -190,7 +201,9 @@ def _platformLimit(headers: Headers, metadata: dict) -> bool:
     return False
 
 
-def _paymentRequired(headers: Headers, error: dict, metadata: dict, now: float) -> Verdict:
+def _paymentRequired(
+    headers: Headers, error: dict, metadata: dict, now: float, free: bool | None
+) -> Verdict:
     source = _text(metadata.get("limit_source"))
     if source == "openrouter_in_flight_budget":
         until = _retryAfter(headers, now)
@@ -209,12 +222,37 @@ def _paymentRequired(headers: Headers, error: dict, metadata: dict, now: float) 
             "this request's estimated cost is larger than the whole budget (402)",
             cause="over_budget",
         )
+    negative = _negativeBalance(error, metadata)
+    if free is False and not negative:
+        return Verdict(
+            Kind.DISABLED,
+            nextMidnight(now),
+            "the account is out of credits for paid models (402)",
+            cause="credits",
+            scope=Scope.PAID,
+        )
     return Verdict(
         Kind.DISABLED,
         nextMidnight(now),
-        "the account is out of credits or its balance is negative (402)",
+        "the account's credit balance is negative (402)"
+        if negative or free
+        else "the account is out of credits or its balance is negative (402)",
         cause="credits",
     )
+
+
+def _negativeBalance(error: dict, metadata: dict) -> bool:
+    """
+    Whether a 402 says the account's balance is below zero, which stops
+    free models too: by C{metadata.reason}, a negative C{metadata.balance},
+    or the word in its message.
+    """
+    if metadata.get("reason") == "negative_balance":
+        return True
+    balance = _number(metadata.get("balance"))
+    if balance is not None and balance < 0:
+        return True
+    return "negative" in _message(error).lower()
 
 
 def _costExceedsBudget(error: dict, metadata: dict) -> bool:

@@ -161,6 +161,48 @@ class ParseKeysTests(ConfigErrorAssertions, SynchronousTestCase):
         )
         self.assertEqual([key.dailyLimit for key in keys], [1000, None, 0])
 
+    def test_dailyCost(self):
+        """
+        The optional column C{daily_cost} gives each key's credits a day, as
+        a decimal number, kept in nanocredits; it may come before
+        C{daily_limit} or without it.
+        """
+        keys = parseKeys(
+            f"name,token,daily_cost,daily_limit\n"
+            f"a,{SECRET_A},2.5,50\n"
+            f"b,{SECRET_B},,\n"
+            f"c,{ACCESS_A}, 0.000000001 ,\n"
+            f"d,{ACCESS_B},0,1000\n"
+        )
+        self.assertEqual([key.dailyCost for key in keys], [2_500_000_000, None, 1, 0])
+        self.assertEqual([key.dailyLimit for key in keys], [50, None, None, 1000])
+        (key,) = parseKeys(f"name,token,daily_cost\ntoto,{SECRET_A},10\n")
+        self.assertEqual((key.dailyCost, key.dailyLimit), (10 * 10**9, None))
+
+    def test_badDailyCost(self):
+        """
+        A daily cost must be a plain, non-negative number of credits, at most
+        a million; the error names the key, never its token.
+        """
+        for text in ("-1", "lots", "1e3", "nan", "inf", "1,5", "2000000", "١"):
+            error = self.assertConfigError(
+                parseKeys,
+                f'name,token,daily_cost\ntoto,{SECRET_A},"{text}"\n',
+                "keys.csv",
+                path="keys.csv",
+                line=2,
+            )
+            self.assertIn("daily_cost for 'toto'", str(error))
+
+    def test_repeatedOptionalColumn(self):
+        self.assertConfigError(
+            parseKeys,
+            f"name,token,daily_cost,daily_cost\ntoto,{SECRET_A},1,2\n",
+            "keys.csv",
+            path="keys.csv",
+            line=1,
+        )
+
     def test_noDailyLimitColumn(self):
         """
         Without the third column, no key has a daily limit.

@@ -24,11 +24,12 @@ from hermux.keypool import (
     Kind,
     NoKeyAvailable,
     State,
+    Use,
     Verdict,
     isoTime,
     nextMidnight,
 )
-from hermux.ledger import KeyUsage, MemoryLedger
+from hermux.ledger import Counts, KeyUsage, MemoryLedger
 
 
 def makeKeys(count: int) -> tuple[Key, ...]:
@@ -69,7 +70,7 @@ class KeyPoolTests(SynchronousTestCase):
         Acquiring a key counts one request for it and none for the others.
         """
         pool = KeyPool(makeKeys(3), randomness=random.Random(1))
-        key = pool.acquire()
+        key = pool.acquire().key
         counts = pool.requestCounts()
         self.assertEqual(counts[key.name], 1)
         self.assertEqual(sum(counts.values()), 1)
@@ -92,7 +93,7 @@ class KeyPoolTests(SynchronousTestCase):
         for k in (1, 2, 3, 5):
             for n in (1, 4, 10):
                 pool = KeyPool(makeKeys(k), randomness=random.Random(k * 100 + n))
-                chosen = Counter(pool.acquire().name for _ in range(n * k))
+                chosen = Counter(pool.acquire().key.name for _ in range(n * k))
                 expected = {f"key{i}": n for i in range(k)}
                 self.assertEqual(dict(chosen), expected, (k, n))
                 self.assertEqual(pool.requestCounts(), expected, (k, n))
@@ -104,7 +105,7 @@ class KeyPoolTests(SynchronousTestCase):
         """
         pool = KeyPool(makeKeys(4), randomness=random.Random(7))
         for _ in range(5):
-            names = {pool.acquire().name for _ in range(4)}
+            names = {pool.acquire().key.name for _ in range(4)}
             self.assertEqual(names, {"key0", "key1", "key2", "key3"})
 
     def test_fewerRequestsPreferred(self):
@@ -114,9 +115,9 @@ class KeyPoolTests(SynchronousTestCase):
         """
         for seed in range(50):
             pool = KeyPool(makeKeys(4), randomness=random.Random(seed))
-            first = {pool.acquire().name for _ in range(3)}
+            first = {pool.acquire().key.name for _ in range(3)}
             (missing,) = {"key0", "key1", "key2", "key3"} - first
-            self.assertEqual(pool.acquire().name, missing, seed)
+            self.assertEqual(pool.acquire().key.name, missing, seed)
 
     def test_randomTies(self):
         """
@@ -124,7 +125,7 @@ class KeyPoolTests(SynchronousTestCase):
         key is sometimes the first one chosen.
         """
         firsts = Counter(
-            KeyPool(makeKeys(3), randomness=random.Random(seed)).acquire().name
+            KeyPool(makeKeys(3), randomness=random.Random(seed)).acquire().key.name
             for seed in range(100)
         )
         self.assertEqual(set(firsts), {"key0", "key1", "key2"})
@@ -147,7 +148,7 @@ class KeyPoolTests(SynchronousTestCase):
 
         def choices(seed):
             pool = KeyPool(makeKeys(5), randomness=random.Random(seed))
-            return [pool.acquire().name for _ in range(30)]
+            return [pool.acquire().key.name for _ in range(30)]
 
         self.assertEqual(choices(1234), choices(1234))
 
@@ -158,7 +159,7 @@ class KeyPoolTests(SynchronousTestCase):
         """
         keys = makeKeys(2)
         pool = KeyPool(keys, randomness=random.Random(0))
-        self.assertIn(pool.acquire(), keys)
+        self.assertIn(pool.acquire().key, keys)
 
     def test_emptyPool(self):
         """
@@ -218,8 +219,17 @@ class KeyStateTests(SynchronousTestCase):
     def states(self, pool) -> dict[str, State]:
         return {status.name: status.state for status in pool.statuses()}
 
-    def chosen(self, pool, times) -> Counter:
-        return Counter(pool.acquire().name for _ in range(times))
+    def chosen(self, pool, times, use=Use()) -> Counter:
+        """
+        Make C{times} requests of C{use}'s kind, each over at once; count
+        the keys chosen.
+        """
+        chosen = Counter()
+        for _ in range(times):
+            attempt = pool.acquire(use=use)
+            attempt.close()
+            chosen[attempt.key.name] += 1
+        return chosen
 
     def test_coolingKeyRestsUntilItsTime(self):
         """
@@ -273,24 +283,26 @@ class KeyStateTests(SynchronousTestCase):
 
     def test_dailyLimit(self):
         """
-        A key that reached its daily_limit today is not chosen until the
-        next UTC day.
+        A key that reached its daily_limit of free-model requests today is
+        not chosen for one until the next UTC day.
         """
+        free = Use(model="m:free", free=True)
         limited = Key("limited", "sk-limited", dailyLimit=2)
         pool = self.pool(keys=[limited, self.alpha])
-        self.assertEqual(self.chosen(pool, 4), Counter(limited=2, key0=2))
+        self.assertEqual(self.chosen(pool, 4, free), Counter(limited=2, key0=2))
         [status, _] = pool.statuses()
-        self.assertEqual(status.state, State.EXHAUSTED)
-        self.assertEqual(status.usableAt, nextMidnight(MORNING))
-        self.assertEqual(self.chosen(pool, 3), Counter(key0=3))
+        self.assertIn("daily_limit of 2", status.freeReason)
+        self.assertEqual(pool.usableAt(free=True), MORNING)
+        self.assertEqual(self.chosen(pool, 3, free), Counter(key0=3))
         self.clock.advance(nextMidnight(MORNING) - MORNING)
-        self.assertEqual(pool.statuses()[0].state, State.READY)
-        self.assertEqual(self.chosen(pool, 4), Counter(limited=2, key0=2))
+        self.assertIsNone(pool.statuses()[0].freeReason)
+        self.assertEqual(self.chosen(pool, 4, free), Counter(limited=2, key0=2))
 
     def test_zeroDailyLimit(self):
         limited = Key("never", "sk-never", dailyLimit=0)
         pool = self.pool(keys=[limited])
-        self.assertRaises(NoKeyAvailable, pool.acquire)
+        error = self.assertRaises(NoKeyAvailable, pool.acquire, use=Use(free=True))
+        self.assertEqual(error.usableAt, nextMidnight(MORNING))
 
     def test_midnightStartsEveryKeyAtZero(self):
         """
@@ -312,13 +324,16 @@ class KeyStateTests(SynchronousTestCase):
         self.chosen(pool, 3)
         pool.report(self.alpha, Verdict(Kind.COOLING, MORNING + 1, "x"))
         pool.report(self.beta, ERROR)
-        pool.countClient("client-1")
+        attempt = pool.acquire(exclude={"key0", "key1"}, use=Use(client="client-1", model="m"))
+        attempt.report(ERROR)
+        attempt.close()
         self.clock.advance(SECONDS_PER_DAY)
-        pool.acquire()
+        pool.acquire().close()
         today = self.ledger.keyUsage(DAY)
         self.assertEqual(today["key0"], KeyUsage(requests=1, rateLimited=1, errors=0))
         self.assertEqual(today["key1"], KeyUsage(requests=1, rateLimited=0, errors=1))
-        self.assertEqual(self.ledger.clientUsage(DAY), {"client-1": 1})
+        self.assertEqual(today["key2"], KeyUsage(requests=2, rateLimited=0, errors=1))
+        self.assertEqual(self.ledger.clientUsage(DAY)["client-1"], KeyUsage(requests=1, errors=1))
         self.assertEqual(sum(u.requests for u in self.ledger.keyUsage(DAY + 1).values()), 1)
 
     def test_todayComesFromTheLedger(self):
@@ -326,9 +341,9 @@ class KeyStateTests(SynchronousTestCase):
         A pool started today continues from the ledger's counts, so least
         used carries on across restarts.
         """
-        self.ledger.record(DAY, "key0", requests=7, rateLimited=2)
-        self.ledger.record(DAY, "key1", requests=5)
-        self.ledger.record(DAY - 1, "key2", requests=100)
+        self.ledger.add(DAY, "key0", "c", "m", Counts(requests=7, rateLimited=2))
+        self.ledger.add(DAY, "key1", "c", "m", Counts(requests=5))
+        self.ledger.add(DAY - 1, "key2", "c", "m", Counts(requests=100))
         pool = self.pool()
         self.assertEqual(pool.requestCounts(), {"key0": 7, "key1": 5, "key2": 0})
         self.assertEqual(self.chosen(pool, 5), Counter(key2=5))
@@ -355,7 +370,7 @@ class KeyStateTests(SynchronousTestCase):
     def test_excludedKeysAreNotChosen(self):
         pool = self.pool()
         for _ in range(5):
-            self.assertEqual(pool.acquire(exclude={"key0", "key2"}).name, "key1")
+            self.assertEqual(pool.acquire(exclude={"key0", "key2"}).key.name, "key1")
         error = self.assertRaises(NoKeyAvailable, pool.acquire, exclude={"key0", "key1", "key2"})
         self.assertEqual(error.usableAt, MORNING)
 
@@ -382,7 +397,7 @@ class KeyStateTests(SynchronousTestCase):
         pool.seed("limited", used=4, limit=50)
         pool.seed("key0", used=0, limit=50)
         [l, a] = pool.statuses()
-        self.assertEqual((l.requestsToday, l.dailyLimit), (4, 10))
+        self.assertEqual((l.freeRequestsToday, l.dailyLimit), (4, 10))
         self.assertEqual(a.dailyLimit, 50)
         self.assertGreaterEqual(a.requestsToday, 0)
 
