@@ -1,13 +1,25 @@
 # -*- test-case-name: tests.test_ledger,tests.test_durability -*-
 """
-The usage ledger: per UTC day, how many requests each key served, how many
-were rate limited or failed, and how many requests each client made.
+The usage ledger: per UTC day, key, client and model, how many requests
+were made (and how many of them for free models), how many were rate
+limited or failed, the tokens they used and what they cost.
 
 Counts are kept in memory as they happen and written to SQLite in batches,
 in a thread of their own (a L{BatchWriter}), at least every second and when
 hermux stops: a crash loses at most the last second of counts, and the file
 is never left half-written (SQLite in WAL mode commits each batch
 atomically).
+
+The state file (schema 2) holds the counts per day, key, client and model
+in C{usage}, and their sums per day and key (C{key_usage}), per day and
+client (C{client_usage}) and per day and model (C{model_usage}), all kept
+in the same transaction, so that the key pool's start and most usage
+reports read a small table.  A file of schema 1 (hermux 0.1: requests,
+rate limited and errors per key, requests per client) is migrated in place
+when it is opened, in one transaction: its days keep every per-key and
+per-client count, but they do not know which client used which key, nor
+the models, tokens or cost (their detail rows say client and model
+L{UNKNOWN}).
 
 L{ILedger} is all the rest of hermux sees, so that another store (one shared
 by several hermux instances) can take SQLite's place.
@@ -33,24 +45,30 @@ __all__ = [
     "ILedger",
     "MemoryLedger",
     "SQLiteLedger",
+    "openReadOnly",
+    "readUsage",
 ]
 
+import os
 import sqlite3
 from datetime import date, timedelta
+from urllib.request import pathname2url
 
 import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from hermux.batchwriter import BatchWriter, IBatch, IBatchTarget, writerSetting
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # PRAGMA application_id: "hmux" in ASCII, so that no other program's
 # database is taken for hermux's.
 APPLICATION_ID = 0x686D7578
 _EPOCH = date(1970, 1, 1)
+_SECONDS_PER_DAY = 86400
 
 # A model name longer than this is cut; beyond MODELS_PER_DAY distinct models
 # on one day, a new one counts as OTHER_MODEL: whatever names clients send,
@@ -78,35 +96,57 @@ COUNTERS = (
 # What usage can be grouped by.
 GROUP_COLUMNS = ("day", "key", "client", "model")
 
-_SCHEMA = """
-CREATE TABLE key_usage (
-    day TEXT NOT NULL,
-    key TEXT NOT NULL,
-    requests INTEGER NOT NULL DEFAULT 0,
-    rate_limited INTEGER NOT NULL DEFAULT 0,
-    errors INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (day, key)
-);
-CREATE TABLE client_usage (
-    day TEXT NOT NULL,
-    client TEXT NOT NULL,
-    requests INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (day, client)
-);
-"""
+# Each table of schema 2 and the columns that name its rows (days are ISO
+# text, as in schema 1: the file reads well in the sqlite3 shell).  usage is
+# the detail; the others are its sums, kept in the same transaction.
+_TABLES = {
+    "usage": ("day", "key", "client", "model"),
+    "key_usage": ("day", "key"),
+    "client_usage": ("day", "client"),
+    "model_usage": ("day", "model"),
+}
 
-_ADD_KEY_USAGE = """
-INSERT INTO key_usage (day, key, requests, rate_limited, errors) VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (day, key) DO UPDATE SET
-    requests = requests + excluded.requests,
-    rate_limited = rate_limited + excluded.rate_limited,
-    errors = errors + excluded.errors
-"""
 
-_ADD_CLIENT_USAGE = """
-INSERT INTO client_usage (day, client, requests) VALUES (?, ?, ?)
-ON CONFLICT (day, client) DO UPDATE SET requests = requests + excluded.requests
-"""
+def _createTable(table: str) -> str:
+    columns = _TABLES[table]
+    return (
+        f"CREATE TABLE {table} (\n"
+        + "".join(f"    {c} TEXT NOT NULL,\n" for c in columns)
+        + "".join(f"    {c} INTEGER NOT NULL DEFAULT 0,\n" for c in COUNTERS)
+        + f"    PRIMARY KEY ({', '.join(columns)})\n) WITHOUT ROWID;\n"
+    )
+
+
+def _addTo(table: str) -> str:
+    columns = _TABLES[table]
+    return (
+        f"INSERT INTO {table} ({', '.join(columns + COUNTERS)}) "
+        f"VALUES ({', '.join('?' * (len(columns) + len(COUNTERS)))}) "
+        f"ON CONFLICT ({', '.join(columns)}) DO UPDATE SET "
+        + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS)
+    )
+
+
+_SCHEMA = "".join(_createTable(table) for table in _TABLES)
+_ADD = {table: _addTo(table) for table in _TABLES}
+
+# Schema 1 to 2, run in one transaction with the version's change: the old
+# tables are renamed, the new ones made and filled, the old ones dropped.
+_MIGRATE_1_TO_2 = [
+    "ALTER TABLE key_usage RENAME TO key_usage_1",
+    "ALTER TABLE client_usage RENAME TO client_usage_1",
+    *(statement + ";" for statement in _SCHEMA.split(";\n") if statement.strip()),
+    "INSERT INTO key_usage (day, key, requests, rate_limited, errors) "
+    "SELECT day, key, requests, rate_limited, errors FROM key_usage_1",
+    "INSERT INTO usage (day, key, client, model, requests, rate_limited, errors) "
+    f"SELECT day, key, '{UNKNOWN}', '{UNKNOWN}', requests, rate_limited, errors FROM key_usage_1",
+    "INSERT INTO model_usage (day, model, requests, rate_limited, errors) "
+    f"SELECT day, '{UNKNOWN}', sum(requests), sum(rate_limited), sum(errors) "
+    "FROM key_usage_1 GROUP BY day",
+    "INSERT INTO client_usage (day, client, requests) SELECT day, client, requests FROM client_usage_1",
+    "DROP TABLE key_usage_1",
+    "DROP TABLE client_usage_1",
+]
 
 
 def dayText(day: int) -> str:
@@ -303,8 +343,13 @@ class _Pending:
     number of rows it adds to.
     """
 
-    def __init__(self):
+    def __init__(self, serial: int = 0):
         self.rows: dict[tuple[int, str, str, str], Counts] = {}
+        # Batches are numbered as they are made; a batch that took in a
+        # newer one (a failed write kept ahead of what came since) takes its
+        # number.  Writes commit in that order, so the file holds every
+        # batch up to the last one committed, and none after it.
+        self.serial = serial
 
     @property
     def size(self) -> int:
@@ -313,6 +358,7 @@ class _Pending:
     def extend(self, newer: _Pending):
         for row, counts in newer.rows.items():
             self.add(row, counts)
+        self.serial = max(self.serial, newer.serial)
 
     def trim(self, size):
         raise NotImplementedError("the ledger keeps every count; its writer has no backlog")
@@ -389,45 +435,159 @@ class MemoryLedger:
         return succeed(None)
 
 
+def _today(reactor) -> int:
+    return int(reactor.seconds() // _SECONDS_PER_DAY)
+
+
+def _version(connection, path: str) -> int:
+    """
+    The schema of a hermux state file (0 for an empty database).
+
+    @raise LedgerError: if it is another program's database, or written by
+        a newer hermux.
+    """
+    applicationId = connection.execute("PRAGMA application_id").fetchone()[0]
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    if applicationId == 0 and version == 0 and tables == 0:
+        return 0
+    if applicationId != APPLICATION_ID:
+        raise LedgerError(f"{path}: not a hermux state file (another program's database?)")
+    if version > SCHEMA_VERSION or version < 1:
+        raise LedgerError(
+            f"{path}: written by a hermux with state schema {version}; "
+            f"this one reads schemas 1 to {SCHEMA_VERSION}"
+        )
+    return version
+
+
+def _inTransaction(connection, statements) -> None:
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in statements:
+            connection.execute(statement)
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
 def _connect(path: str) -> sqlite3.Connection:
     """
-    Open the state file, creating it with hermux's schema if it is new.
+    Open the state file for writing: create it with hermux's schema if it
+    is new, migrate it if it has schema 1.
 
     @raise LedgerError: if it cannot be opened or is not hermux's.
     """
     try:
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        connection.execute("PRAGMA busy_timeout = 5000")
-        applicationId = connection.execute("PRAGMA application_id").fetchone()[0]
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if applicationId == 0 and version == 0 and tables == 0:
-            connection.executescript(
-                "BEGIN;" + _SCHEMA + f"PRAGMA application_id = {APPLICATION_ID};"
-                f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
-        elif applicationId != APPLICATION_ID:
-            raise LedgerError(f"{path}: not a hermux state file (another program's database?)")
-        elif version != SCHEMA_VERSION:
-            raise LedgerError(
-                f"{path}: written by a hermux with state schema {version}; "
-                f"this one reads schema {SCHEMA_VERSION}"
-            )
-        if connection.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-            raise LedgerError(f"{path}: the state file is damaged")
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute("PRAGMA synchronous = NORMAL")
+        try:
+            connection.execute("PRAGMA busy_timeout = 5000")
+            version = _version(connection, path)
+            if version == 0:
+                _inTransaction(
+                    connection,
+                    [
+                        *(s for s in _SCHEMA.split(";\n") if s.strip()),
+                        f"PRAGMA application_id = {APPLICATION_ID}",
+                        f"PRAGMA user_version = {SCHEMA_VERSION}",
+                    ],
+                )
+            if connection.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise LedgerError(f"{path}: the state file is damaged")
+            if version == 1:
+                _inTransaction(connection, [*_MIGRATE_1_TO_2, "PRAGMA user_version = 2"])
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            connection.close()
+            raise
         return connection
     except sqlite3.DatabaseError as e:
         raise LedgerError(f"{path}: cannot use the state file: {e}")
 
 
-def _readKeyUsage(connection, day: int) -> dict[str, Counts]:
+def openReadOnly(path: str) -> sqlite3.Connection:
+    """
+    Open the state file to read it only (a C{mode=ro} URI): never created,
+    migrated or written, and safe while hermux writes it (WAL).  A file of
+    schema 1 is refused: hermux migrates it when it starts.
+
+    @raise LedgerError: if it does not exist, cannot be read, or is not a
+        hermux state file of schema 2.
+    """
+    if not os.path.isfile(path):
+        raise LedgerError(f"{path}: no such state file")
+    try:
+        connection = sqlite3.connect(
+            f"file:{pathname2url(os.path.abspath(path))}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            connection.execute("PRAGMA busy_timeout = 5000")
+            version = _version(connection, path)
+            if version == 0:
+                raise LedgerError(f"{path}: not a hermux state file (an empty database)")
+            if version < SCHEMA_VERSION:
+                raise LedgerError(
+                    f"{path}: written by an older hermux (state schema {version}); "
+                    "start hermux once on it to migrate it"
+                )
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+    except sqlite3.DatabaseError as e:
+        raise LedgerError(f"{path}: cannot read the state file: {e}")
+
+
+def _table(groupBy: tuple[str, ...]) -> str:
+    """
+    The smallest table that has the C{groupBy} columns.
+    """
+    for table in ("key_usage", "client_usage", "model_usage"):
+        if set(groupBy) <= set(_TABLES[table]):
+            return table
+    return "usage"
+
+
+def _readGroups(connection, fromDay: int, toDay: int, groupBy: tuple[str, ...]) -> dict:
+    table = _table(groupBy)
+    sums = ", ".join(f"sum({c})" for c in COUNTERS)
+    columns = ", ".join(groupBy)
+    sql = f"SELECT {columns + ', ' if groupBy else ''}{sums} FROM {table} WHERE day BETWEEN ? AND ?"
+    if groupBy:
+        sql += f" GROUP BY {columns}"
+    width = len(groupBy)
+    groups = {}
+    for row in connection.execute(sql, (dayText(fromDay), dayText(toDay))):
+        if row[width] is None:
+            continue  # no group: the sums of no rows
+        groups[tuple(row[:width])] = Counts.fromRow(row[width:])
+    return groups
+
+
+def readUsage(connection, fromDay: int, toDay: int, groupBy: tuple[str, ...]) -> list[UsageRow]:
+    """
+    The counts in the state file from C{fromDay} to C{toDay} (inclusive)
+    summed per group of C{groupBy} (names from L{GROUP_COLUMNS}), sorted by
+    group: what L{ILedger.usage} answers, less what is not written yet.
+    Synchronous: for a thread, or for the C{hermux usage} command.
+
+    @raise ValueError: if C{groupBy} names something else or a column twice.
+    """
+    return _rows(_readGroups(connection, fromDay, toDay, _checkGroupBy(groupBy)))
+
+
+def _readByColumn(connection, table: str, day: int) -> dict[str, Counts]:
+    name = _TABLES[table][1]
     rows = connection.execute(
-        "SELECT key, requests, rate_limited, errors FROM key_usage WHERE day = ?",
-        (dayText(day),),
+        f"SELECT {name}, {', '.join(COUNTERS)} FROM {table} WHERE day = ?", (dayText(day),)
     )
-    return {key: Counts(requests=r, rateLimited=l, errors=e) for key, r, l, e in rows}
+    return {row[0]: Counts.fromRow(row[1:]) for row in rows}
 
 
 @implementer(ILedger, IBatchTarget)
@@ -435,15 +595,18 @@ class SQLiteLedger(Service):
     """
     The ledger in a SQLite file, written in batches by a L{BatchWriter}.
 
-    Opening checks the file at once (so a bad one stops hermux from
-    starting); the connection that writes is made when the service starts,
-    after twistd has daemonized.
+    Opening checks the file at once, creating or migrating it (so a bad one
+    stops hermux from starting); the connection that writes is made when
+    the service starts, after twistd has daemonized.
 
     While the file cannot be written, counts wait in memory, merged per row:
-    what waits grows with the keys, clients and days counted (all from the
-    configuration), not with the requests, so the writer keeps all of it
-    (it has no C{backlog}): a count dropped would be usage the key pool
-    forgets.
+    what waits grows with the keys, clients, models (at most
+    L{MODELS_PER_DAY}) and days counted, not with the requests, so the
+    writer keeps all of it (it has no C{backlog}): a count dropped would be
+    usage the key pool forgets.
+
+    Days older than C{retentionDays} (today included) are deleted at start
+    and after each 00:00 UTC, in the writer's thread.
     """
 
     _log = Logger()
@@ -451,14 +614,44 @@ class SQLiteLedger(Service):
         "problemLogInterval", "How often, at most, a write problem is logged, in seconds."
     )
 
-    def __init__(self, path: str, *, reactor=None, interval: float = 1.0):
+    def __init__(
+        self, path: str, *, reactor=None, interval: float = 1.0, retentionDays: int = 400
+    ):
+        if reactor is None:
+            from twisted.internet import reactor
+        if retentionDays < 1:
+            raise ValueError("retentionDays must be at least 1")
         self.path = path
+        self.retentionDays = retentionDays
+        self._reactor = reactor
         self._connection: sqlite3.Connection | None = None
+        self._serial = 0
+        # The serial of the last batch committed: written by the writer's
+        # thread, read by usage()'s, both holding the writer's lock.
+        self._committed = 0
+        self._pruning = None
         self._writer = BatchWriter(
             self, interval=interval, reactor=reactor, stopAttempts=3, threadName="hermux-ledger"
         )
-        self._models = _Models()
-        _connect(path).close()
+        connection = _connect(path)
+        try:
+            self._models = _Models(self._recentModels(connection))
+        finally:
+            connection.close()
+
+    def _recentModels(self, connection) -> dict[int, set[str]]:
+        """
+        The models each of the last few days already has in the file.
+        """
+        since = _today(self._reactor) - _Models.keepDays + 1
+        known: dict[int, set[str]] = {}
+        rows = connection.execute(
+            "SELECT day, model FROM model_usage WHERE day >= ?", (dayText(since),)
+        )
+        for day, model in rows:
+            if model not in (UNKNOWN, OTHER_MODEL):
+                known.setdefault(dayNumber(day), set()).add(model)
+        return known
 
     @property
     def problem(self) -> str | None:
@@ -470,36 +663,31 @@ class SQLiteLedger(Service):
             return None
         return f"cannot write the state file: {self._writer.problem}"
 
+    def add(self, day, key, client, model, counts):
+        self._writer.pending.add((day, key, client, self._models.name(day, model)), counts)
+
     def keyUsage(self, day):
         """
         Read synchronously, with a connection of its own: for startup, not
         for the reactor thread once hermux serves.
         """
-        with self._writer.lock:
-            connection = _connect(self.path)
-            try:
-                stored = _readKeyUsage(connection, day)
-            finally:
-                connection.close()
-            return _merge(stored, self._unwritten().byColumn(day, 1))
+        return self._usageOf("key_usage", day)
 
     def clientUsage(self, day):
         """
         Read synchronously, like L{keyUsage}.
         """
+        return self._usageOf("client_usage", day)
+
+    def _usageOf(self, table: str, day: int) -> dict[str, Counts]:
         with self._writer.lock:
             connection = _connect(self.path)
             try:
-                rows = connection.execute(
-                    "SELECT client, requests FROM client_usage WHERE day = ?", (dayText(day),)
-                ).fetchall()
+                stored = _readByColumn(connection, table, day)
             finally:
                 connection.close()
-            stored = {client: Counts(requests=n) for client, n in rows}
-            return _merge(stored, self._unwritten().byColumn(day, 2))
-
-    def usage(self, fromDay, toDay, groupBy):
-        raise NotImplementedError("schema 2 comes next")
+            column = 1 if table == "key_usage" else 2
+            return _merge(stored, self._unwritten().byColumn(day, column))
 
     def _unwritten(self) -> _Pending:
         """
@@ -511,15 +699,61 @@ class SQLiteLedger(Service):
             unwritten.extend(batch)
         return unwritten
 
-    def add(self, day, key, client, model, counts):
-        self._writer.pending.add((day, key, client, self._models.name(day, model)), counts)
+    def usage(self, fromDay, toDay, groupBy):
+        """
+        Read in a thread of the reactor's pool, with a read-only connection
+        of its own.  What is not written yet is copied here, in the reactor
+        thread; the thread reads the file as of a moment when it knows
+        which of those copies the file already holds.
+        """
+        groupBy = _checkGroupBy(groupBy)
+        copies = []
+        for batch in self._writer.unwritten():
+            if batch is None:
+                continue  # written just now, in the writer's thread
+            rows = {r: c for r, c in batch.rows.items() if fromDay <= r[0] <= toDay}
+            copies.append((batch.serial, rows))
+        return deferToThreadPool(
+            self._reactor,
+            self._reactor.getThreadPool(),
+            self._readUsage,
+            fromDay,
+            toDay,
+            groupBy,
+            copies,
+        )
+
+    def _readUsage(self, fromDay, toDay, groupBy, copies) -> list[UsageRow]:
+        # In a thread of the reactor's pool.
+        connection = openReadOnly(self.path)
+        try:
+            with self._writer.lock:
+                # The first read of a transaction fixes what it sees (WAL):
+                # no batch commits while the lock is held.
+                connection.execute("BEGIN")
+                connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                committed = self._committed
+            groups = _readGroups(connection, fromDay, toDay, groupBy)
+            connection.execute("COMMIT")
+        finally:
+            connection.close()
+        unwritten = _Pending()
+        for serial, rows in copies:
+            if serial > committed:
+                unwritten.rows = rows
+                groups = _merge(groups, unwritten.grouped(fromDay, toDay, groupBy))
+        return _rows(groups)
 
     def startService(self):
         super().startService()
         self._connection = _connect(self.path)
         self._writer.startService()
+        self._prune()
 
     async def _stop(self):
+        if self._pruning is not None and self._pruning.active():
+            self._pruning.cancel()
+        self._pruning = None
         await self._writer.stopService()
         if self._writer.pending.size:
             self._log.error(
@@ -539,36 +773,81 @@ class SQLiteLedger(Service):
         """
         return self._writer.flush()
 
+    # Retention.
+
+    def _prune(self) -> Deferred:
+        """
+        Delete the days older than C{retentionDays}, in the writer's
+        thread, then do it again after the next 00:00 UTC.
+        """
+        now = self._reactor.seconds()
+        keepFrom = int(now // _SECONDS_PER_DAY) - self.retentionDays + 1
+        nextDay = (int(now // _SECONDS_PER_DAY) + 1) * _SECONDS_PER_DAY
+        self._pruning = self._reactor.callLater(nextDay - now + 1, self._prune)
+        d = self._writer.flushThen(lambda: self._deleteBefore(keepFrom))
+
+        def pruned(deleted):
+            if deleted:
+                self._log.info(
+                    "deleted {rows} rows of days before {day} from {path} (--retention-days {days})",
+                    rows=deleted,
+                    day=dayText(keepFrom),
+                    path=self.path,
+                    days=self.retentionDays,
+                )
+
+        def failed(failure):
+            self._log.failure(
+                "could not delete old days from {path}", failure, path=self.path
+            )
+
+        return d.addCallbacks(pruned, failed)
+
+    def _deleteBefore(self, day: int) -> int:
+        # In the writer's thread.
+        connection = self._connection
+        before = connection.total_changes
+        _inTransaction(
+            connection, [f"DELETE FROM {t} WHERE day < '{dayText(day)}'" for t in _TABLES]
+        )
+        return connection.total_changes - before
+
     # IBatchTarget: how the writer writes a batch of counts.
 
     def newBatch(self) -> _Pending:
-        return _Pending()
+        self._serial += 1
+        return _Pending(self._serial)
 
     def writeBatch(self, batch: _Pending) -> None:
         """
         Add C{batch} to the file in one transaction, in the writer's thread.
         """
-        keyRows: dict[tuple[int, str], Counts] = {}
-        clientRows: dict[tuple[int, str], int] = {}
+        sums: dict[str, dict[tuple, Counts]] = {t: {} for t in _TABLES if t != "usage"}
+        detail = []
         for (day, key, client, model), counts in batch.rows.items():
-            keyRows[(day, key)] = keyRows.get((day, key), _ZERO) + counts
-            if client != UNKNOWN:
-                clientRows[(day, client)] = clientRows.get((day, client), 0) + counts.requests
+            text = dayText(day)
+            detail.append((text, key, client, model, *counts.asRow()))
+            for table, row in (
+                ("key_usage", (text, key)),
+                ("client_usage", (text, client)),
+                ("model_usage", (text, model)),
+            ):
+                rows = sums[table]
+                rows[row] = rows.get(row, _ZERO) + counts
         connection = self._connection
         connection.execute("BEGIN IMMEDIATE")
         try:
-            connection.executemany(
-                _ADD_KEY_USAGE,
-                [(dayText(d), k, c.requests, c.rateLimited, c.errors) for (d, k), c in keyRows.items()],
-            )
-            connection.executemany(
-                _ADD_CLIENT_USAGE, [(dayText(d), c, n) for (d, c), n in clientRows.items()]
-            )
+            connection.executemany(_ADD["usage"], detail)
+            for table, rows in sums.items():
+                connection.executemany(
+                    _ADD[table], [(*row, *counts.asRow()) for row, counts in rows.items()]
+                )
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
+        self._committed = batch.serial
 
     def writeFailing(self, problem: str) -> None:
         # Nothing is lost while the file cannot be written, only delayed.
