@@ -20,7 +20,7 @@ event is skipped), and parses JSON only for events that contain C{"error"}.
 
 from __future__ import annotations
 
-__all__ = ["EVENT_LIMIT", "StreamWatch", "verdictOf", "watchStream"]
+__all__ = ["EVENT_LIMIT", "StreamWatch", "firstBoundary", "lastBoundary", "verdictOf", "watchStream"]
 
 import json
 from typing import Callable
@@ -86,7 +86,7 @@ def verdictOf(event, now: float) -> Verdict | None:
     return ERROR
 
 
-def _lastBoundary(text: bytes) -> int:
+def lastBoundary(text: bytes) -> int:
     """
     Where the last complete event in C{text} ends (after its blank line),
     or -1.  Each pattern is a line end followed by an empty line.
@@ -106,7 +106,7 @@ def _lastBoundary(text: bytes) -> int:
     return end
 
 
-def _firstBoundary(text: bytes) -> int:
+def firstBoundary(text: bytes) -> int:
     """
     Where the first event in C{text} ends (after its blank line), or -1.
     """
@@ -181,7 +181,7 @@ class StreamWatch:
         if self._skipping:
             # Keep the last two bytes: a blank line may straddle two reads.
             text = self._tail + data
-            end = _firstBoundary(text)
+            end = firstBoundary(text)
             if end < 0:
                 self._tail = text[-2:]
                 return
@@ -189,7 +189,7 @@ class StreamWatch:
             self._tail = b""
             data = text[end:]
         text = self._tail + data if self._tail else data
-        end = _lastBoundary(text)
+        end = lastBoundary(text)
         if end >= 0:
             if text.find(_ERROR, 0, end) >= 0:
                 self._events(text[:end])

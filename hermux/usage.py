@@ -1,0 +1,762 @@
+# -*- test-case-name: tests.test_usage -*-
+"""
+What an answer says it used, read on the side; and what a request asks for.
+
+OpenRouter puts a C{usage} object in every answer: at the end of a JSON
+answer, and in an event near the end of a stream (the last chunk before
+C{data: [DONE]} of a chat or completions stream, C{response.completed} of a
+Responses API stream, C{message_start} and C{message_delta} of a Messages API
+stream).  L{watchAnswer} makes an L{AnswerWatch}, which the relay feeds the
+bytes of an answer after it wrote them to the client: it never changes,
+delays or holds them, keeps a bounded amount whatever the answer's size,
+decodes a compressed answer on the side with bounded output per step, and,
+in an event stream, also reports OpenRouter's mid-stream error events as
+L{hermux.streamwatch} judges them, in the same single pass.
+
+L{requestedModel} is the one parse of a request body: its C{model} (and a
+C{models} fallback list), which tells free-model requests from paid ones.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BODY_LIMIT",
+    "EVENT_LIMIT",
+    "AnswerWatch",
+    "RequestedModel",
+    "Usage",
+    "nanocredits",
+    "requestedModel",
+    "upstreamAcceptEncoding",
+    "watchAnswer",
+]
+
+import json
+import zlib
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from typing import Callable
+
+import attr
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from hermux.keypool import Verdict
+from hermux.streamwatch import EVENT_LIMIT, firstBoundary, lastBoundary, verdictOf
+
+BODY_LIMIT = 256 * 1024  # a JSON answer up to this size is kept whole and parsed at its end
+_HEAD = 4 * 1024  # of a longer answer or event: its first bytes, for "model"
+_TAIL = 16 * 1024  # and at least its last bytes, for "usage"
+_STEP = 64 * 1024  # the most a compressed answer expands to in one step
+
+_ERROR = b'"error"'
+_USAGE = b'"usage"'
+_MODEL = b'"model"'
+_SPACE = b" \t\r\n"
+
+_NANOS = 10**9
+_MOST_CREDITS = 10**6  # a cost above this, in credits, is nonsense
+_MOST_TOKENS = 10**12  # so is a token count above this
+
+
+@attr.frozen
+class Usage:
+    """
+    What one answer says it used.
+
+    @ivar model: the answer's C{model}, as sent; L{None} if it had none.
+    @ivar promptTokens: C{prompt_tokens}, or C{input_tokens} (Responses and
+        Messages APIs).
+    @ivar completionTokens: C{completion_tokens} or C{output_tokens}.
+    @ivar reasoningTokens: the C{reasoning_tokens} of the completion's (or
+        output's) details.
+    @ivar cachedTokens: the C{cached_tokens} of the prompt's (or input's)
+        details, or C{cache_read_input_tokens} (Messages API).
+    @ivar cost: C{usage.cost}, in nanocredits (1e-9 credits).  Never
+        C{cost_details.upstream_inference_cost}: for a BYOK request that is
+        what the provider charged, and adding it would count it twice.
+    """
+
+    model: str | None = None
+    promptTokens: int = 0
+    completionTokens: int = 0
+    reasoningTokens: int = 0
+    cachedTokens: int = 0
+    cost: int = 0
+
+
+# Where each count is in a usage object: the first path present is taken.
+_COUNTS = (
+    ("promptTokens", (("prompt_tokens",), ("input_tokens",))),
+    ("completionTokens", (("completion_tokens",), ("output_tokens",))),
+    (
+        "reasoningTokens",
+        (("completion_tokens_details", "reasoning_tokens"), ("output_tokens_details", "reasoning_tokens")),
+    ),
+    (
+        "cachedTokens",
+        (
+            ("prompt_tokens_details", "cached_tokens"),
+            ("input_tokens_details", "cached_tokens"),
+            ("cache_read_input_tokens",),
+        ),
+    ),
+)
+
+
+def nanocredits(value) -> int:
+    """
+    A cost in credits, as a JSON number, in nanocredits, rounded half to
+    even; 0 for anything that is not a sensible cost (negative, not finite,
+    a boolean, not a number, more than a million credits).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        return 0
+    try:
+        amount = Decimal(str(value))
+        if not amount.is_finite() or amount < 0 or amount > _MOST_CREDITS:
+            return 0
+        return int((amount * _NANOS).to_integral_value(rounding=ROUND_HALF_EVEN))
+    except (ValueError, InvalidOperation):
+        return 0
+
+
+def _tokens(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MOST_TOKENS:
+        return 0
+    return value
+
+
+def _at(usage: dict, path: tuple[str, ...]):
+    for name in path:
+        if not isinstance(usage, dict):
+            return None
+        usage = usage.get(name)
+    return usage
+
+
+class _Found:
+    """
+    What the parsed parts of one answer said: its model and its counts,
+    later values winning (a Messages stream sends input tokens at its start
+    and output tokens at its end).
+    """
+
+    def __init__(self):
+        self.model: str | None = None
+        self.counts: dict[str, int] = {}
+
+    def take(self, thing) -> None:
+        """
+        Take the model and usage of a parsed answer or event: at its top
+        (chat, completions, a Responses or Messages JSON answer, a Messages
+        C{message_delta}), or in its C{response} (a Responses event) or its
+        C{message} (a Messages C{message_start}).
+        """
+        if not isinstance(thing, dict):
+            return
+        holders = (thing, thing.get("response"), thing.get("message"))
+        for holder in holders:
+            if isinstance(holder, dict) and isinstance(holder.get("model"), str):
+                self.model = holder["model"]
+                break
+        for holder in holders:
+            if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+                self.takeUsage(holder["usage"])
+                break
+
+    def takeUsage(self, usage: dict) -> None:
+        for name, paths in _COUNTS:
+            for path in paths:
+                value = _at(usage, path)
+                if value is not None:
+                    self.counts[name] = _tokens(value)
+                    break
+        if usage.get("cost") is not None:
+            self.counts["cost"] = nanocredits(usage["cost"])
+
+    def result(self) -> Usage | None:
+        if self.model is None and not self.counts:
+            return None
+        return Usage(self.model, **self.counts)
+
+
+def _valueAt(text: bytes, at: int) -> int:
+    """
+    Where the value of a JSON member whose name ends just before C{at}
+    starts (after the colon and any space), or -1 if C{at} is not followed
+    by a colon.
+    """
+    end = len(text)
+    while at < end and text[at] in _SPACE:
+        at += 1
+    if text[at : at + 1] != b":":
+        return -1
+    at += 1
+    while at < end and text[at] in _SPACE:
+        at += 1
+    return at
+
+
+def _hasUsage(text: bytes, start: int, end: int) -> bool:
+    """
+    Whether C{text[start:end]} may hold a usage object: a C{"usage"} member
+    whose value is not plainly something else (C{null}, most often).
+    Cheap: a stream that sends C{"usage":null} in every chunk is not parsed.
+    """
+    at = text.find(_USAGE, start, end)
+    while at >= 0:
+        after = at + len(_USAGE)
+        if not text.startswith(b":null", after):
+            value = _valueAt(text, after)
+            if value >= 0 and text[value : value + 1] in (b"{", b""):
+                return True
+        at = text.find(_USAGE, after, end)
+    return False
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _decodeAt(text: bytes, at: int):
+    """
+    The JSON value that starts at C{at} in C{text}, which may go on with
+    anything after it; L{None} if there is none.
+    """
+    try:
+        value, _ = _DECODER.raw_decode(text[at:].decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return None
+    return value
+
+
+def _usageIn(tail: bytes) -> dict | None:
+    """
+    The last usage object in C{tail}, the end of an answer or event too
+    long to keep whole.
+    """
+    at = len(tail)
+    while True:
+        at = tail.rfind(_USAGE, 0, at)
+        if at < 0:
+            return None
+        value = _valueAt(tail, at + len(_USAGE))
+        if value >= 0 and tail[value : value + 1] == b"{":
+            usage = _decodeAt(tail, value)
+            if isinstance(usage, dict):
+                return usage
+
+
+def _modelIn(head: bytes) -> str | None:
+    """
+    The first model named in C{head}, the start of an answer or event too
+    long to keep whole.
+    """
+    at = head.find(_MODEL)
+    while at >= 0:
+        value = _valueAt(head, at + len(_MODEL))
+        if value >= 0 and head[value : value + 1] == b'"':
+            model = _decodeAt(head, value)
+            if isinstance(model, str):
+                return model
+        at = head.find(_MODEL, at + len(_MODEL))
+    return None
+
+
+class _Fragments:
+    """
+    The head and the tail of something too long to keep whole, held in
+    bounded memory: the first L{_HEAD} bytes and between L{_TAIL} and twice
+    that of the last ones.
+    """
+
+    def __init__(self, start: bytes):
+        self.head = start[:_HEAD]
+        self._pieces = [start[-_TAIL:]]
+        self._kept = len(self._pieces[0])
+
+    @property
+    def buffered(self) -> int:
+        return len(self.head) + self._kept
+
+    def add(self, data: bytes) -> None:
+        if len(data) >= _TAIL:
+            self._pieces = [data[-_TAIL:]]
+            self._kept = _TAIL
+            return
+        self._pieces.append(data)
+        self._kept += len(data)
+        if self._kept > 2 * _TAIL:
+            tail = b"".join(self._pieces)[-_TAIL:]
+            self._pieces = [tail]
+            self._kept = len(tail)
+
+    def tellTo(self, found: _Found) -> None:
+        """
+        Give C{found} the usage in the tail, and then the model in the head.
+        """
+        usage = _usageIn(b"".join(self._pieces))
+        if usage is not None:
+            found.takeUsage(usage)
+            model = _modelIn(self.head)
+            if model is not None:
+                found.model = model
+
+
+class _BodyScanner:
+    """
+    A JSON answer: kept whole up to L{BODY_LIMIT} and parsed at its end; a
+    longer one by its head and tail.
+    """
+
+    def __init__(self, found: _Found):
+        self._found = found
+        self._pieces: list[bytes] = []
+        self._size = 0
+        self._long: _Fragments | None = None
+
+    @property
+    def buffered(self) -> int:
+        return self._long.buffered if self._long is not None else self._size
+
+    def feed(self, data: bytes) -> None:
+        if self._long is not None:
+            self._long.add(data)
+            return
+        self._pieces.append(data)
+        self._size += len(data)
+        if self._size > BODY_LIMIT:
+            self._long = _Fragments(b"".join(self._pieces))
+            self._pieces = []
+            self._size = 0
+
+    def finish(self) -> None:
+        if self._long is not None:
+            self._long.tellTo(self._found)
+            return
+        body, self._pieces = b"".join(self._pieces), []
+        try:
+            answer = json.loads(body)
+        except (ValueError, RecursionError):
+            return
+        self._found.take(answer)
+
+
+class _EventScanner:
+    """
+    A server-sent event stream, scanned incrementally: one search for the
+    last event boundary in each read, one for C{"error"} (until an error was
+    reported) and one for C{"usage"}; JSON is parsed only for the events
+    that may be an error or hold a usage object.  At most L{EVENT_LIMIT}
+    bytes of the current event are kept; a longer one (a Responses
+    C{response.completed} carries the whole output) is kept by its head and
+    tail, which give its usage and model, and is not judged as an error
+    (as L{hermux.streamwatch.StreamWatch} skips it).
+    """
+
+    def __init__(self, found: _Found, judge: Callable[[object], bool]):
+        self._found = found
+        self._judge: Callable[[object], bool] | None = judge
+        self._tail = b""  # the current event, incomplete
+        self._long: _Fragments | None = None  # or the current event, too long
+        self._carry = b""  # with the last two bytes of it
+
+    @property
+    def buffered(self) -> int:
+        if self._long is not None:
+            return self._long.buffered
+        return len(self._tail)
+
+    def feed(self, data: bytes) -> None:
+        if self._long is not None:
+            # A blank line may straddle two reads: look for it in the last
+            # two bytes of the event and what follows.
+            text = self._carry + data
+            end = firstBoundary(text)
+            if end < 0:
+                self._long.add(data)
+                self._carry = text[-2:]
+                return
+            at = max(end - len(self._carry), 0)
+            self._long.add(data[:at])
+            self._long.tellTo(self._found)
+            self._long = None
+            self._carry = b""
+            data = data[at:]
+        text = self._tail + data if self._tail else data
+        end = lastBoundary(text)
+        if end >= 0:
+            if (self._judge is not None and text.find(_ERROR, 0, end) >= 0) or _hasUsage(text, 0, end):
+                self._events(text[:end])
+            rest = text[end:]
+        else:
+            rest = text
+        if len(rest) > EVENT_LIMIT:
+            self._tail = b""
+            self._long = _Fragments(rest)
+            self._carry = rest[-2:]
+        else:
+            self._tail = rest
+
+    def finish(self) -> None:
+        """
+        The stream ended cleanly: read a last event that had no blank line
+        after it.
+        """
+        if self._long is not None:
+            self._long.tellTo(self._found)
+            self._long = None
+            return
+        tail, self._tail = self._tail, b""
+        if tail and ((self._judge is not None and _ERROR in tail) or _hasUsage(tail, 0, len(tail))):
+            self._events(tail + b"\n\n")
+
+    def _events(self, block: bytes) -> None:
+        """
+        Read the complete events of C{block} (SSE: fields by line, data
+        lines joined, comments and other fields ignored).
+        """
+        lines: list[bytes] = []
+        for line in block.splitlines():
+            if not line:
+                if lines:
+                    self._event(b"\n".join(lines))
+                    lines = []
+                continue
+            name, _, value = line.partition(b":")
+            if name != b"data":
+                continue  # a comment (empty name) or another field
+            if value[:1] == b" ":
+                value = value[1:]
+            lines.append(value)
+
+    def _event(self, data: bytes) -> None:
+        judging = self._judge is not None and _ERROR in data
+        if not (judging or _hasUsage(data, 0, len(data))):
+            return
+        try:
+            event = json.loads(data)
+        except (ValueError, RecursionError):
+            return
+        if judging and self._judge(event):
+            self._judge = None
+        self._found.take(event)
+
+
+_GZIP = 16 + zlib.MAX_WBITS
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class _Decoder:
+    """
+    Decodes a gzip or deflate body for a scanner, C{_STEP} bytes of output
+    at a time: a small body that expands enormously (a decompression bomb)
+    costs time in proportion to what it expands to, never memory.  A deflate
+    body is zlib-wrapped, as RFC 9110 says, or raw deflate, as some servers
+    send and browsers accept.  Several gzip members follow one another, as
+    gzip itself allows; anything else after the end is ignored.
+    """
+
+    def __init__(self, coding: bytes, sink: Callable[[bytes], None]):
+        self._sink = sink
+        self._gzip = coding == b"gzip"
+        self._zlib = None  # until the first bytes (of each gzip member) are in
+        self._start = b""
+        self._ended = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self._start)
+
+    def feed(self, data: bytes) -> None:
+        if self._ended:
+            return
+        if self._zlib is None:
+            data = self._start + data
+            if len(data) < 2:
+                self._start = data
+                return
+            self._start = b""
+            if self._gzip:
+                if data[:2] != _GZIP_MAGIC:
+                    self._ended = True  # not a gzip member: the end, or nothing readable
+                    return
+                self._zlib = zlib.decompressobj(_GZIP)
+            else:
+                try:
+                    zlib.decompressobj(zlib.MAX_WBITS).decompress(data[:2])
+                except zlib.error:
+                    self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                else:
+                    self._zlib = zlib.decompressobj(zlib.MAX_WBITS)
+        while True:
+            decoder = self._zlib
+            out = decoder.decompress(data, _STEP)
+            if out:
+                self._sink(out)
+            if decoder.eof:
+                self._zlib = None
+                if not self._gzip:
+                    self._ended = True
+                elif decoder.unused_data:
+                    self.feed(decoder.unused_data)
+                return
+            data = decoder.unconsumed_tail
+            if not data and len(out) < _STEP:
+                return
+
+
+class AnswerWatch:
+    """
+    Watches one answer on the side: fed its bytes as they are relayed
+    (L{dataReceived}), it tells at the end what the answer said it used
+    (L{finish}), and meanwhile reports the first mid-stream error of an
+    event stream.  Made by L{watchAnswer}.
+
+    @ivar buffered: how many bytes of the answer it holds now; bounded
+        (L{EVENT_LIMIT} for an event stream, L{BODY_LIMIT} for a JSON
+        answer) whatever the answer's size.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        kind: str | None = None,
+        coding: bytes | None = None,
+        report: Callable[[Verdict], None] | None = None,
+        now: Callable[[], float] | None = None,
+    ):
+        """
+        @param kind: C{"events"} for an event stream, C{"body"} for a JSON
+            answer, L{None} for an answer not watched.
+        @param coding: C{b"gzip"} or C{b"deflate"} if the answer is so
+            encoded.
+        """
+        self._report = report
+        self._now = now
+        self._found = _Found()
+        self._scanner: _EventScanner | _BodyScanner | None = None
+        if kind == "events":
+            self._scanner = _EventScanner(self._found, self._judge)
+        elif kind == "body":
+            self._scanner = _BodyScanner(self._found)
+        self._decoder: _Decoder | None = None
+        self._feed: Callable[[bytes], None] | None = None
+        if self._scanner is not None:
+            self._feed = self._scanner.feed
+            if coding:
+                self._decoder = _Decoder(coding, self._scanner.feed)
+                self._feed = self._decoder.feed
+        self._finished = False
+        self._result: Usage | None = None
+
+    @property
+    def buffered(self) -> int:
+        if self._feed is None:
+            return 0
+        held = self._scanner.buffered
+        if self._decoder is not None:
+            held += self._decoder.buffered
+        return held
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Read the next bytes of the answer.  Never raises: the answer must
+        reach the client whatever the watch makes of it.
+        """
+        if self._feed is None:
+            return
+        try:
+            self._feed(data)
+        except zlib.error:
+            self._stop()
+            self._log.warn("an answer's compressed body is corrupt; not watching it further")
+        except Exception:
+            self._stop()
+            self._log.failure("watching an answer failed; not watching it further")
+
+    def finish(self) -> Usage | None:
+        """
+        The answer ended cleanly: what it said it used, or L{None} if it
+        said nothing (or the watch gave up on it).  Never raises; finishing
+        again gives the same.
+        """
+        if self._finished:
+            return self._result
+        self._finished = True
+        if self._feed is None:
+            return None
+        try:
+            self._scanner.finish()
+            self._result = self._found.result()
+        except Exception:
+            self._log.failure("watching an answer failed at its end")
+        self._stop()
+        return self._result
+
+    def _stop(self) -> None:
+        self._feed = None
+        self._scanner = None
+        self._decoder = None
+
+    def _judge(self, event) -> bool:
+        """
+        Report C{event}'s verdict if it is an error; tell whether it was.
+        """
+        verdict = verdictOf(event, self._now())
+        if verdict is None:
+            return False
+        self._report(verdict)
+        return True
+
+
+def _mediaType(headers: Headers) -> bytes:
+    contentType = headers.getRawHeaders(b"content-type")
+    if not contentType:
+        return b""
+    return contentType[0].split(b";", 1)[0].strip().lower()
+
+
+def _isJSON(mediaType: bytes) -> bool:
+    return mediaType == b"application/json" or (mediaType.startswith(b"application/") and mediaType.endswith(b"+json"))
+
+
+def _coding(headers: Headers) -> bytes | None:
+    """
+    The one content coding of an answer, if the watch can decode it
+    (C{b"gzip"} or C{b"deflate"}); C{b""} for none; L{None} for any other,
+    or for several stacked.
+    """
+    codings = [
+        coding.strip().lower()
+        for value in headers.getRawHeaders(b"content-encoding", [])
+        for coding in value.split(b",")
+    ]
+    codings = [coding for coding in codings if coding not in (b"", b"identity")]
+    if not codings:
+        return b""
+    if len(codings) > 1:
+        return None
+    return {b"gzip": b"gzip", b"x-gzip": b"gzip", b"deflate": b"deflate"}.get(codings[0])
+
+
+def watchAnswer(
+    headers: Headers, *, report: Callable[[Verdict], None], now: Callable[[], float]
+) -> AnswerWatch:
+    """
+    An L{AnswerWatch} for the answer whose (upstream) response headers are
+    C{headers}: a JSON answer is read at its end, an event stream as it
+    goes, its first mid-stream error reported through C{report} with
+    C{now} as the time; anything else, or in a content coding other than
+    gzip and deflate, is not watched (the watch finishes with L{None}).
+    """
+    mediaType = _mediaType(headers)
+    coding = _coding(headers)
+    if coding is None:
+        return AnswerWatch()
+    if mediaType == b"text/event-stream":
+        return AnswerWatch("events", coding, report, now)
+    if _isJSON(mediaType):
+        return AnswerWatch("body", coding)
+    return AnswerWatch()
+
+
+# hermux asks the upstream only for codings it can read on the side with the
+# standard library: zlib decodes gzip and deflate, in bounded steps, as the
+# answer passes.  br and zstd would need libraries outside the standard one,
+# and an answer in them could not be read: its usage would go uncounted.
+# The client still gets the answer as the upstream encoded it.
+_DECODABLE = {b"gzip": b"gzip", b"x-gzip": b"gzip", b"deflate": b"deflate"}
+
+
+def _quality(params: list[bytes]) -> float:
+    """
+    The q value among an Accept-Encoding entry's parameters (1 if none);
+    0 if it is not a number from 0 to 1.
+    """
+    for param in params:
+        name, _, value = param.partition(b"=")
+        if name.strip().lower() == b"q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                return 0.0
+            return q if 0 < q <= 1 else 0.0
+    return 1.0
+
+
+def upstreamAcceptEncoding(clientValues: list[bytes] | None) -> bytes:
+    """
+    The Accept-Encoding hermux sends upstream, given the client's
+    C{clientValues} (L{None} if it sent none): the codings the client
+    accepts (q > 0, named or by C{*}) among gzip and deflate, in the
+    client's order, or C{b"identity"}.
+    """
+    accepted: dict[bytes, bool] = {}  # coding -> accepted, in the client's order
+    star = None
+    for value in clientValues or ():
+        for entry in value.split(b","):
+            name, *params = entry.split(b";")
+            name = name.strip().lower()
+            q = _quality(params)
+            if name == b"*":
+                if star is None:
+                    star = q > 0
+            elif name in _DECODABLE:
+                accepted.setdefault(_DECODABLE[name], q > 0)
+    if star:
+        for coding in (b"gzip", b"deflate"):
+            accepted.setdefault(coding, True)
+    chosen = [coding for coding, yes in accepted.items() if yes]
+    return b", ".join(chosen) if chosen else b"identity"
+
+
+@attr.frozen
+class RequestedModel:
+    """
+    The model a request names.
+
+    @ivar model: the body's C{model}, if it is a string.
+    @ivar free: C{True} for a free variant (C{model} ends with C{":free"},
+        and so does every entry of a C{models} fallback list if there is
+        one), C{False} for a paid request (some model named, not all free),
+        L{None} if no model is named at all.
+    """
+
+    model: str | None = None
+    free: bool | None = None
+
+
+_FREE = ":free"
+
+
+def _isJSONRequest(body: bytes, contentType: bytes | None) -> bool:
+    if not contentType:
+        return body.lstrip()[:1] == b"{"
+    return _isJSON(contentType.split(b";", 1)[0].strip().lower())
+
+
+def requestedModel(body: bytes, contentType: bytes | None) -> RequestedModel:
+    """
+    The model that a request with C{body}, of C{contentType} (L{None} if it
+    has none), names.  Only a JSON body is parsed; anything else, or
+    malformed JSON, names none.  Never raises.
+    """
+    try:
+        if not body or not _isJSONRequest(body, contentType):
+            return RequestedModel()
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return RequestedModel()
+    if not isinstance(parsed, dict):
+        return RequestedModel()
+    model = parsed.get("model")
+    model = model if isinstance(model, str) else None
+    models = parsed.get("models")
+    names = [model] if model is not None else []
+    if isinstance(models, list):
+        names.extend(models)
+    if not names:
+        return RequestedModel()
+    free = all(isinstance(name, str) and name.endswith(_FREE) for name in names)
+    return RequestedModel(model, free)
