@@ -1,10 +1,14 @@
 # -*- test-case-name: tests.test_testing -*-
 """
 A fake OpenRouter, for tests, benchmarks and the demo mode: a twisted.web
-resource that answers chat completions (as JSON, or as server-sent events a
-few words at a time), C{/api/v1/models} and C{/api/v1/key}; checks the
-Bearer key; records every request it receives; and misbehaves on demand
-(stalls, drops a stream midway, floods, or answers whatever a test says).
+resource that answers chat completions, text completions, the Responses
+API and the Messages API (as JSON, or as server-sent events a few words at
+a time), C{/api/v1/models} and C{/api/v1/key}; checks the Bearer key;
+records every request it receives and the usage every answer reported;
+and misbehaves on demand (stalls, drops a stream midway, floods, or
+answers whatever a test says).  Like OpenRouter, every answer carries an
+C{X-Generation-Id} header, a completion's C{usage} has tokens and a
+C{cost}, and answers are gzip-compressed when the request accepts gzip.
 Any L{twisted.web.server.Site} serves it:
 
     fake = FakeOpenRouter(["sk-test-1", "sk-test-2"])
@@ -14,16 +18,40 @@ Any L{twisted.web.server.Site} serves it:
     fake.platformLimitNext(perDay=True)   # OpenRouter's own refusals, as it
     fake.paymentRequiredNext("credits")   # words them (and forbiddenNext,
                                           # providerLimitNext, htmlForbiddenNext)
+    sum(usage.cost for usage in fake.reported)   # the credits it billed
+
+The usage is deterministic.  For a request with body C{body} (bytes) to a
+completion path: C{prompt = 10 + len(body) // 4} tokens; C{completion} =
+the words of the answer (L{FAKE_ANSWER}'s 11, or C{max_tokens} /
+C{max_output_tokens}), of which C{completion // 4} are reasoning tokens.
+The first time a key sends a body to a path, C{prompt // 2} tokens are
+written to the cache (C{cache_write_tokens}) and none read; each later
+time the same key sends the same bytes to the same path, C{prompt // 2}
+are read from it (C{cached_tokens}) and none written.  The cost, in
+credits, is C{((prompt - cached) * p + cached * c + completion * o) / 1e9}
+with the model's L{FakePrice} C{(p, c, o)} (L{FakeOpenRouter.priceOf}):
+always a whole number of nanocredits, 0 for a free variant.
 """
 
 from __future__ import annotations
 
-__all__ = ["FAKE_ANSWER", "FAKE_MODEL", "FakeOpenRouter", "ReceivedRequest", "fakeSite"]
+__all__ = [
+    "FAKE_ANSWER",
+    "FAKE_MODEL",
+    "FakeOpenRouter",
+    "FakePrice",
+    "ReceivedRequest",
+    "ReportedUsage",
+    "fakeSite",
+]
 
 import itertools
 import json
+import re
+import zlib
 from collections import Counter
 from datetime import datetime, timezone
+from decimal import Decimal
 from collections.abc import Iterable
 
 import attr
@@ -39,6 +67,11 @@ from hermux.channel import peerText
 
 FAKE_MODEL = "hermux/fake-model"
 FAKE_ANSWER = "This is a fake answer from hermux.testing, not from a model."
+_PROVIDER = "hermux-fake"
+_PROCESSING = b": OPENROUTER PROCESSING\n\n"
+
+# Generation ids are unique in the process, across fakes.
+_generations = itertools.count(1)
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -50,6 +83,8 @@ class ReceivedRequest:
         apart.
     @ivar lost: fires if the connection closed before the fake finished
         answering (for example because hermux aborted it).
+    @ivar generationId: the C{X-Generation-Id} the fake answered with
+        (also the C{id} of a chat or text completion).
     """
 
     method: bytes
@@ -58,6 +93,7 @@ class ReceivedRequest:
     body: bytes
     peer: str
     lost: Deferred = attr.Factory(Deferred)
+    generationId: str = ""
 
     @property
     def key(self) -> str | None:
@@ -71,6 +107,75 @@ class ReceivedRequest:
         return token.decode("ascii", "replace")
 
 
+@attr.frozen
+class ReportedUsage:
+    """
+    The usage one answer of the fake reported, as the fields hermux reads
+    give it.  For chat, text completions and the Responses API,
+    C{promptTokens} includes the cached tokens; for the Messages API it is
+    C{input_tokens}, which (as Anthropic counts) leaves out the tokens read
+    from or written to the cache, and C{reasoningTokens} is 0 (that shape
+    has no such field).
+
+    @ivar key: the upstream key the request used (L{ReceivedRequest.key}).
+    @ivar model: the answer's C{model}.
+    @ivar cost: credits, exactly the number written in the answer.
+    @ivar free: whether the model is a free variant (its id ends with
+        C{:free}); its cost is then 0.
+    """
+
+    key: str | None
+    model: str
+    promptTokens: int
+    completionTokens: int
+    reasoningTokens: int
+    cachedTokens: int
+    cost: Decimal
+    free: bool
+
+
+@attr.frozen
+class FakePrice:
+    """
+    What the fake charges for a model, in nanocredits (1e-9 credits) per
+    token: C{prompt} per prompt token not read from the cache, C{cached}
+    per prompt token read from it, C{completion} per completion token
+    (reasoning included).
+    """
+
+    prompt: int
+    cached: int
+    completion: int
+
+
+@attr.frozen
+class _Tokens:
+    """
+    What one answer used, in every shape's terms.
+    """
+
+    prompt: int
+    completion: int
+    reasoning: int
+    cached: int
+    cacheWrite: int
+    cost: Decimal
+    upstreamCost: Decimal | None
+
+
+@attr.frozen
+class _Answer:
+    """
+    What a completion of any shape says.
+    """
+
+    generationId: str
+    created: int
+    model: str
+    words: list
+    tokens: _Tokens
+
+
 @attr.s(auto_attribs=True)
 class _Script:
     behave: object
@@ -81,14 +186,97 @@ class _Script:
         return self.key is None or self.key == key
 
 
+def _dumps(payload) -> bytes:
+    """
+    C{payload} as JSON, with L{Decimal} values written as plain decimal
+    numbers (C{0.0000234}: neither a float's repr nor an exponent).
+    """
+    numbers = []
+
+    def placeholder(value):
+        if isinstance(value, Decimal):
+            numbers.append(value)
+            return f"\x00{len(numbers) - 1}\x00"
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+    text = json.dumps(payload, default=placeholder)
+    if numbers:
+        text = re.sub(
+            r'"\\u0000(\d+)\\u0000"', lambda match: _decimalText(numbers[int(match[1])]), text
+        )
+    return text.encode("utf-8")
+
+
+def _decimalText(value: Decimal) -> str:
+    if not value:
+        return "0"
+    return format(value.normalize(), "f")
+
+
 def _json(request, status: int, payload) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(payload).encode("utf-8")
+    return _dumps(payload)
 
 
 def _error(request, status: int, message: str) -> bytes:
     return _json(request, status, {"error": {"code": status, "message": message}})
+
+
+def _acceptsGzip(headers: Headers) -> bool:
+    """
+    Whether C{Accept-Encoding} allows gzip: C{gzip} (or C{x-gzip}, or else
+    C{*}) with a quality above 0.
+    """
+    qualities = {}
+    for value in headers.getRawHeaders(b"accept-encoding", []):
+        for item in value.split(b","):
+            coding, *parameters = item.split(b";")
+            coding = coding.strip().lower()
+            if not coding:
+                continue
+            quality = 1.0
+            for parameter in parameters:
+                name, _, number = parameter.partition(b"=")
+                if name.strip().lower() == b"q":
+                    try:
+                        quality = float(number.strip())
+                    except ValueError:
+                        quality = 0.0
+            qualities[coding] = quality
+    for coding in (b"gzip", b"x-gzip", b"*"):
+        if coding in qualities:
+            return qualities[coding] > 0
+    return False
+
+
+class _Body:
+    """
+    Where a streamed answer goes: the request, through a streaming gzip
+    compressor if C{compress}, flushed after every write (C{Z_SYNC_FLUSH})
+    so that each event can be decoded as soon as it arrives.
+    """
+
+    def __init__(self, request, compress: bool):
+        self._request = request
+        self._compressor = None
+        if compress:
+            request.setHeader(b"Content-Encoding", b"gzip")
+            request.setHeader(b"Vary", b"Accept-Encoding")
+            self._compressor = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+
+    def write(self, data: bytes) -> None:
+        if self._compressor is not None:
+            data = self._compressor.compress(data) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
+        self._request.write(data)
+
+    def finish(self) -> None:
+        if self._compressor is not None:
+            self._request.write(self._compressor.flush())
+        self._request.finish()
+
+    def loseConnection(self) -> None:
+        self._request.loseConnection()
 
 
 class FakeOpenRouter(Resource):
@@ -97,8 +285,16 @@ class FakeOpenRouter(Resource):
     L{None}).  C{reactor} paces streamed events, C{eventInterval} seconds
     apart: pass a L{twisted.internet.task.Clock} to release them one by one.
 
+    With C{compress} (the default), an answer is gzip-compressed when the
+    request's C{Accept-Encoding} allows it (a stream event by event), as
+    OpenRouter does; floods never are.
+
     @ivar received: every request, in order of arrival.
-    @ivar usedToday: chat completions answered per key.
+    @ivar reported: the usage of every answer that carried one (a stream's
+        once its usage frame was written), in order.
+    @ivar usedToday: free-model requests (model ids ending with C{:free})
+        answered per key, what C{GET /api/v1/key} reports as
+        C{free_model_daily_requests.used}; a test may set it.
     @ivar flooded: bytes written by C{floodNext} answers so far.
     """
 
@@ -111,6 +307,7 @@ class FakeOpenRouter(Resource):
         reactor=None,
         eventInterval: float = 0.0,
         dailyLimit: int = 50,
+        compress: bool = True,
     ):
         super().__init__()
         if reactor is None:
@@ -118,12 +315,14 @@ class FakeOpenRouter(Resource):
         self.keys = None if keys is None else frozenset(keys)
         self.eventInterval = eventInterval
         self.dailyLimit = dailyLimit
+        self.compress = compress
         self.received: list[ReceivedRequest] = []
+        self.reported: list[ReportedUsage] = []
         self.usedToday: Counter[str] = Counter()
         self.flooded = 0
         self._reactor = reactor
         self._scripts: list[_Script] = []
-        self._ids = itertools.count(1)
+        self._prompts: set[tuple] = set()
 
     # Misbehaviour on demand.  Each applies to the next `times` requests
     # (forever if None) carrying `key` (any key if None).
@@ -224,15 +423,19 @@ class FakeOpenRouter(Resource):
 
         self._answerAt(build, key, times)
 
-    PAYMENT_KINDS = ("in_flight_budget", "request_too_costly", "credits", "negative_balance")
+    PAYMENT_KINDS = (
+        "in_flight_budget", "request_too_costly", "credits", "negative_balance", "negative",
+    )
 
     def paymentRequiredNext(self, kind="credits", *, retryAfter=None, key=None, times=1):
         """
         402 of one of OpenRouter's kinds (L{PAYMENT_KINDS}):
         C{in_flight_budget} (transient, with C{Retry-After: retryAfter} if
         given), C{request_too_costly} (this request's estimated cost is more
-        than the whole budget), C{credits} (out of credits) or
-        C{negative_balance}.
+        than the whole budget), C{credits} (out of credits),
+        C{negative_balance} (by its message only) or C{negative} (the
+        account's balance is below zero, by its message and
+        C{metadata.reason}).
         """
         if kind not in self.PAYMENT_KINDS:
             raise ValueError(f"no 402 of kind {kind!r}")
@@ -264,6 +467,9 @@ class FakeOpenRouter(Resource):
                     "purchase more at https://openrouter.ai/settings/credits"
                 )
                 metadata["limit_source"] = "openrouter_credits"
+            elif kind == "negative":
+                message = "Your account has a negative credit balance. Add credits to continue."
+                metadata.update(limit_source="openrouter_credits", reason="negative_balance")
             else:
                 message = (
                     "Your account or API key has a negative credit balance. Add credits "
@@ -347,12 +553,13 @@ class FakeOpenRouter(Resource):
 
     def dropNext(self, afterEvents: int = 1, *, key=None, times=1):
         """
-        Stream a chat completion, then close the connection after
-        C{afterEvents} events, as a crashing upstream would.
+        Stream a completion (in the shape of the request's path), then close
+        the connection after C{afterEvents} events, as a crashing upstream
+        would.
         """
 
         def drop(request, received):
-            return self._stream(request, received, dropAfter=afterEvents)
+            return self._scriptedStream(request, received, dropAfter=afterEvents)
 
         self._script(drop, key, times)
 
@@ -365,7 +572,8 @@ class FakeOpenRouter(Resource):
         after the first byte: a top-level C{error} and C{finish_reason}
         C{"error"}.  With C{rateLimitReset} (POSIX time), the error is a
         platform rate limit (429, C{rate_limit_exceeded}, with the
-        C{X-RateLimit-*} values in its metadata).
+        C{X-RateLimit-*} values in its metadata).  Such a stream has no usage
+        frame and no C{[DONE]}.
         """
 
         def error(request, received):
@@ -383,7 +591,7 @@ class FakeOpenRouter(Resource):
                         },
                     },
                 }
-            return self._stream(request, received, errorAfter=(afterEvents, error))
+            return self._scriptedStream(request, received, errorAfter=(afterEvents, error))
 
         self._script(error, key, times)
 
@@ -415,6 +623,20 @@ class FakeOpenRouter(Resource):
 
     # The API.
 
+    @staticmethod
+    def priceOf(model: str) -> FakePrice:
+        """
+        What the fake charges for C{model}: nothing for a free variant (an
+        id ending with C{:free}); otherwise C{(100, 25, 400)} nanocredits
+        per prompt, cached and completion token times a step from 1 to 5,
+        C{zlib.crc32(model) % 5 + 1} (2 for C{test/model}, 4 for
+        L{FAKE_MODEL}).
+        """
+        if model.endswith(":free"):
+            return FakePrice(0, 0, 0)
+        step = zlib.crc32(model.encode("utf-8")) % 5 + 1
+        return FakePrice(100 * step, 25 * step, 400 * step)
+
     def render(self, request):
         received = ReceivedRequest(
             method=request.method,
@@ -422,9 +644,28 @@ class FakeOpenRouter(Resource):
             headers=request.requestHeaders.copy(),
             body=request.content.read(),
             peer=peerText(request.getClientAddress()),
+            generationId=f"gen-{int(self._reactor.seconds())}-{next(_generations):08d}",
         )
         self.received.append(received)
         request.notifyFinish().addErrback(lambda _: received.lost.callback(None))
+        request.setHeader(b"X-Generation-Id", received.generationId.encode("ascii"))
+        answer = self._answer(request, received)
+        if (
+            isinstance(answer, bytes)
+            and answer
+            and self._compresses(request)
+            and not request.responseHeaders.hasHeader(b"content-encoding")
+        ):
+            request.setHeader(b"Content-Encoding", b"gzip")
+            request.setHeader(b"Vary", b"Accept-Encoding")
+            compressor = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            answer = compressor.compress(answer) + compressor.flush()
+        return answer
+
+    def _compresses(self, request) -> bool:
+        return self.compress and _acceptsGzip(request.requestHeaders)
+
+    def _answer(self, request, received):
         key = received.key
         if key is None:
             return _error(request, 401, "No auth credentials found")
@@ -433,89 +674,152 @@ class FakeOpenRouter(Resource):
         scripted = self._scripted(key)
         if scripted is not None:
             return scripted(request, received)
+        if request.method == b"POST" and request.path in _SHAPES:
+            return self._complete(request, received, _SHAPES[request.path])
         route = (request.method, request.path)
-        if route == (b"POST", b"/api/v1/chat/completions"):
-            return self._chat(request, received)
         if route == (b"GET", b"/api/v1/models"):
             return self._models(request)
         if route == (b"GET", b"/api/v1/key"):
             return self._keyInfo(request, key)
         return _error(request, 404, "Not Found")
 
-    def _chat(self, request, received):
+    def _complete(self, request, received, shape):
         try:
             asked = json.loads(received.body)
             if not isinstance(asked, dict):
                 raise ValueError()
         except ValueError:
             return _error(request, 400, "the body must be a JSON object")
-        self.usedToday[received.key] += 1
+        answer = self._answerTo(request, received, asked, shape)
+        if answer.model.endswith(":free"):
+            self.usedToday[received.key] += 1
         if asked.get("stream"):
-            return self._stream(request, received)
-        words = _words(asked.get("max_tokens"))
-        return _json(
-            request,
-            200,
-            {
-                **self._completionHead(asked, "chat.completion"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": " ".join(words)},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": _usage(words),
-            },
+            return self._stream(request, received, shape.events(answer), answer)
+        self._report(received.key, answer, shape)
+        return _json(request, 200, shape.json(answer))
+
+    def _answerTo(self, request, received, asked, shape) -> _Answer:
+        """
+        The answer to C{asked}, with its usage (see the module's
+        docstring).
+        """
+        model = asked.get("model")
+        if not isinstance(model, str) or not model:
+            model = FAKE_MODEL
+        words = _words(asked.get(shape.maxTokens))
+        prompt = 10 + len(received.body) // 4
+        seen = (received.key, request.path, received.body)
+        cached, cacheWrite = (prompt // 2, 0) if seen in self._prompts else (0, prompt // 2)
+        self._prompts.add(seen)
+        price = self.priceOf(model)
+        nanos = (
+            (prompt - cached) * price.prompt + cached * price.cached + len(words) * price.completion
+        )
+        cost = Decimal(_decimalText(Decimal(nanos).scaleb(-9)))
+        tokens = _Tokens(
+            prompt=prompt,
+            completion=len(words),
+            reasoning=len(words) // 4,
+            cached=cached,
+            cacheWrite=cacheWrite,
+            cost=cost,
+            # What the provider charged, which OpenRouter gives apart: a
+            # reader that adds it to the cost counts twenty times too much.
+            upstreamCost=None if not nanos else Decimal(_decimalText(cost * 20)),
+        )
+        return _Answer(
+            generationId=received.generationId,
+            created=int(self._reactor.seconds()),
+            model=model,
+            words=words,
+            tokens=tokens,
         )
 
-    def _completionHead(self, asked, kind):
-        return {
-            "id": f"gen-fake-{next(self._ids)}",
-            "object": kind,
-            "created": int(self._reactor.seconds()),
-            "model": asked.get("model") or FAKE_MODEL,
-            "provider": "hermux-fake",
-        }
+    def _report(self, key, answer: _Answer, shape) -> None:
+        """
+        Record the usage C{answer} reported, as C{shape} gives it.
+        """
+        tokens = answer.tokens
+        prompt, reasoning = tokens.prompt, tokens.reasoning
+        if shape is _Messages:
+            prompt, reasoning = tokens.prompt - tokens.cached - tokens.cacheWrite, 0
+        self.reported.append(
+            ReportedUsage(
+                key=key,
+                model=answer.model,
+                promptTokens=prompt,
+                completionTokens=tokens.completion,
+                reasoningTokens=reasoning,
+                cachedTokens=tokens.cached,
+                cost=tokens.cost,
+                free=answer.model.endswith(":free"),
+            )
+        )
 
-    def _stream(self, request, received, dropAfter=None, errorAfter=None):
-        asked = json.loads(received.body or b"{}")
-        words = _words(asked.get("max_tokens"))
-        head = self._completionHead(asked, "chat.completion.chunk")
-        events = [b": OPENROUTER PROCESSING\n\n"]
-        for index, word in enumerate(words):
-            delta = {"role": "assistant", "content": word if index == 0 else " " + word}
-            events.append(_event({**head, "choices": [
-                {"index": 0, "delta": delta, "finish_reason": None}]}))
-        if errorAfter is not None:
-            count, error = errorAfter
-            del events[count:]
-            events.append(_event({**head, "error": error, "choices": [
-                {"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}))
+    def _stream(self, request, received, events, answer=None, shape=None, dropAfter=None):
+        """
+        Send C{events} (bytes, each with whether it is the usage frame of
+        C{answer}), C{eventInterval} apart.
+        """
+        if answer is not None:
+            report = lambda: self._report(received.key, answer, shape)  # noqa: E731
         else:
-            events.append(_event({**head, "choices": [
-                {"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": _usage(words)}))
-            events.append(b"data: [DONE]\n\n")
+            report = None
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
-        _EventSender(self._reactor, self.eventInterval, request, events, dropAfter).start()
+        body = _Body(request, self._compresses(request))
+        _EventSender(self._reactor, self.eventInterval, request, body, events, dropAfter, report).start()
         return NOT_DONE_YET
 
+    def _scriptedStream(self, request, received, dropAfter=None, errorAfter=None):
+        """
+        A stream for C{dropNext} and C{midStreamErrorNext}: the shape of the
+        request's path (chat for any other), cut after C{dropAfter} events,
+        or ended after C{errorAfter[0]} events by the error event
+        C{errorAfter[1]} (with no usage frame).
+        """
+        try:
+            asked = json.loads(received.body or b"{}")
+        except ValueError:
+            asked = {}
+        if not isinstance(asked, dict):
+            asked = {}
+        shape = _SHAPES.get(request.path, _Chat)
+        if errorAfter is not None:
+            shape = _Chat
+        answer = self._answerTo(request, received, asked, shape)
+        events = shape.events(answer)
+        if errorAfter is None:
+            return self._stream(request, received, events, answer, shape, dropAfter=dropAfter)
+        count, error = errorAfter
+        events = [event for event in events if not event[1] and b"[DONE]" not in event[0]]
+        del events[count:]
+        events.append((_event({**_chatHead(answer, "chat.completion.chunk"), "error": error, "choices": [
+            {"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}), False))
+        return self._stream(request, received, events)
+
     def _models(self, request):
+        price = self.priceOf(FAKE_MODEL)
         return _json(request, 200, {"data": [{
             "id": FAKE_MODEL,
             "name": "hermux fake model",
             "context_length": 8192,
-            "pricing": {"prompt": "0", "completion": "0"},
+            "pricing": {
+                "prompt": _decimalText(Decimal(price.prompt).scaleb(-9)),
+                "completion": _decimalText(Decimal(price.completion).scaleb(-9)),
+                "input_cache_read": _decimalText(Decimal(price.cached).scaleb(-9)),
+            },
         }]})
 
     def _keyInfo(self, request, key):
         used = self.usedToday[key]
+        spent = float(sum((usage.cost for usage in self.reported if usage.key == key), Decimal(0)))
         return _json(request, 200, {"data": {
             "label": f"{key[:6]}...{key[-3:]}",
             "limit": None,
             "limit_remaining": None,
-            "usage": 0,
+            "usage": spent,
+            "usage_daily": spent,
             "is_free_tier": True,
             "free_model_daily_requests": {
                 "limit": self.dailyLimit,
@@ -523,6 +827,258 @@ class FakeOpenRouter(Resource):
                 "used": used,
             },
         }})
+
+
+# The four shapes of a completion.
+
+
+def _chatUsage(tokens: _Tokens) -> dict:
+    """
+    C{usage} as chat and text completions give it.
+    """
+    return {
+        "prompt_tokens": tokens.prompt,
+        "completion_tokens": tokens.completion,
+        "total_tokens": tokens.prompt + tokens.completion,
+        "cost": tokens.cost,
+        "is_byok": False,
+        "prompt_tokens_details": {
+            "cached_tokens": tokens.cached,
+            "cache_write_tokens": tokens.cacheWrite,
+            "audio_tokens": 0,
+        },
+        "cost_details": {"upstream_inference_cost": tokens.upstreamCost},
+        "completion_tokens_details": {"reasoning_tokens": tokens.reasoning},
+    }
+
+
+def _chatHead(answer: _Answer, kind: str) -> dict:
+    return {
+        "id": answer.generationId,
+        "object": kind,
+        "created": answer.created,
+        "model": answer.model,
+        "provider": _PROVIDER,
+    }
+
+
+class _Chat:
+    """
+    POST /api/v1/chat/completions.
+    """
+
+    maxTokens = "max_tokens"
+
+    @staticmethod
+    def json(answer: _Answer) -> dict:
+        return {
+            **_chatHead(answer, "chat.completion"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": " ".join(answer.words)},
+                    "finish_reason": "stop",
+                    "native_finish_reason": "stop",
+                }
+            ],
+            "usage": _chatUsage(answer.tokens),
+        }
+
+    @staticmethod
+    def events(answer: _Answer) -> list:
+        head = _chatHead(answer, "chat.completion.chunk")
+
+        def chunk(delta, finish, **extra):
+            return _event({**head, "choices": [
+                {"index": 0, "delta": delta, "finish_reason": finish, "native_finish_reason": finish}
+            ], **extra})
+
+        events = [(_PROCESSING, False)]
+        for index, word in enumerate(answer.words):
+            delta = {"role": "assistant", "content": word if index == 0 else " " + word}
+            events.append((chunk(delta, None), False))
+        events.append((chunk({}, "stop"), False))
+        # The accounting frame: it repeats finish_reason.
+        usage = chunk({}, "stop", usage=_chatUsage(answer.tokens))
+        events.append((usage, True))
+        events.append((b"data: [DONE]\n\n", False))
+        return events
+
+
+class _TextCompletions:
+    """
+    POST /api/v1/completions: text completions.
+    """
+
+    maxTokens = "max_tokens"
+
+    @staticmethod
+    def json(answer: _Answer) -> dict:
+        return {
+            **_chatHead(answer, "text_completion"),
+            "choices": [
+                {"index": 0, "text": " ".join(answer.words), "finish_reason": "stop",
+                 "native_finish_reason": "stop", "logprobs": None}
+            ],
+            "usage": _chatUsage(answer.tokens),
+        }
+
+    @staticmethod
+    def events(answer: _Answer) -> list:
+        head = _chatHead(answer, "text_completion")
+
+        def chunk(text, finish, **extra):
+            return _event({**head, "choices": [
+                {"index": 0, "text": text, "finish_reason": finish, "native_finish_reason": finish,
+                 "logprobs": None}
+            ], **extra})
+
+        events = [(_PROCESSING, False)]
+        for index, word in enumerate(answer.words):
+            events.append((chunk(word if index == 0 else " " + word, None), False))
+        events.append((chunk("", "stop"), False))
+        events.append((chunk("", "stop", usage=_chatUsage(answer.tokens)), True))
+        events.append((b"data: [DONE]\n\n", False))
+        return events
+
+
+class _Responses:
+    """
+    POST /api/v1/responses: the Responses API.
+    """
+
+    maxTokens = "max_output_tokens"
+
+    @staticmethod
+    def _response(answer: _Answer, done: bool) -> dict:
+        tokens = answer.tokens
+        text = " ".join(answer.words)
+        return {
+            "id": "resp-" + answer.generationId,
+            "object": "response",
+            "created_at": answer.created,
+            "model": answer.model,
+            "status": "completed" if done else "in_progress",
+            "error": None,
+            "output": [
+                {
+                    "type": "message",
+                    "id": "msg-" + answer.generationId,
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ] if done else [],
+            "usage": {
+                "input_tokens": tokens.prompt,
+                "input_tokens_details": {"cached_tokens": tokens.cached},
+                "output_tokens": tokens.completion,
+                "output_tokens_details": {"reasoning_tokens": tokens.reasoning},
+                "total_tokens": tokens.prompt + tokens.completion,
+                "cost": tokens.cost,
+                "is_byok": False,
+                "cost_details": {"upstream_inference_cost": tokens.upstreamCost},
+            } if done else None,
+        }
+
+    @classmethod
+    def json(cls, answer: _Answer) -> dict:
+        return cls._response(answer, True)
+
+    @classmethod
+    def events(cls, answer: _Answer) -> list:
+        sequence = itertools.count()
+        item = "msg-" + answer.generationId
+
+        def event(kind, **payload):
+            return _event({"type": kind, "sequence_number": next(sequence), **payload}, kind)
+
+        events = [
+            (_PROCESSING, False),
+            (event("response.created", response=cls._response(answer, False)), False),
+        ]
+        for index, word in enumerate(answer.words):
+            delta = word if index == 0 else " " + word
+            events.append((event("response.output_text.delta", item_id=item, output_index=0,
+                                 content_index=0, delta=delta), False))
+        events.append((event("response.output_text.done", item_id=item, output_index=0,
+                             content_index=0, text=" ".join(answer.words)), False))
+        events.append((event("response.completed", response=cls._response(answer, True)), True))
+        return events
+
+
+class _Messages:
+    """
+    POST /api/v1/messages: the Messages API, in Anthropic's shape, where
+    C{input_tokens} leaves out the tokens read from or written to the cache.
+    """
+
+    maxTokens = "max_tokens"
+
+    @staticmethod
+    def _usage(tokens: _Tokens, final: bool) -> dict:
+        usage = {
+            "input_tokens": tokens.prompt - tokens.cached - tokens.cacheWrite,
+            "cache_creation_input_tokens": tokens.cacheWrite,
+            "cache_read_input_tokens": tokens.cached,
+            # message_start counts the first output token, as Anthropic's
+            # does; message_delta gives the whole count.
+            "output_tokens": tokens.completion if final else 1,
+        }
+        if final:
+            usage.update(
+                cost=tokens.cost,
+                is_byok=False,
+                cost_details={"upstream_inference_cost": tokens.upstreamCost},
+            )
+        return usage
+
+    @classmethod
+    def _message(cls, answer: _Answer, done: bool) -> dict:
+        return {
+            "id": "msg-" + answer.generationId,
+            "type": "message",
+            "role": "assistant",
+            "model": answer.model,
+            "content": [{"type": "text", "text": " ".join(answer.words)}] if done else [],
+            "stop_reason": "end_turn" if done else None,
+            "stop_sequence": None,
+            "usage": cls._usage(answer.tokens, done),
+        }
+
+    @classmethod
+    def json(cls, answer: _Answer) -> dict:
+        return cls._message(answer, True)
+
+    @classmethod
+    def events(cls, answer: _Answer) -> list:
+        def event(kind, **payload):
+            return _event({"type": kind, **payload}, kind)
+
+        events = [
+            (_PROCESSING, False),
+            (event("message_start", message=cls._message(answer, False)), False),
+            (event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+             False),
+            (event("ping"), False),
+        ]
+        for index, word in enumerate(answer.words):
+            text = word if index == 0 else " " + word
+            events.append((event("content_block_delta", index=0,
+                                 delta={"type": "text_delta", "text": text}), False))
+        events.append((event("content_block_stop", index=0), False))
+        events.append((event("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None},
+                             usage=cls._usage(answer.tokens, True)), True))
+        events.append((event("message_stop"), False))
+        return events
+
+
+_SHAPES = {
+    b"/api/v1/chat/completions": _Chat,
+    b"/api/v1/completions": _TextCompletions,
+    b"/api/v1/responses": _Responses,
+    b"/api/v1/messages": _Messages,
+}
 
 
 class _CountedChannel(HTTPChannel):
@@ -562,32 +1118,36 @@ def fakeSite(fake: FakeOpenRouter, reactor=None) -> Site:
 
 def _words(maxTokens) -> list[str]:
     words = FAKE_ANSWER.split()
-    if isinstance(maxTokens, int) and maxTokens > 0:
+    if isinstance(maxTokens, int) and not isinstance(maxTokens, bool) and maxTokens > 0:
         return list(itertools.islice(itertools.cycle(words), maxTokens))
     return words
 
 
-def _usage(words) -> dict:
-    return {"prompt_tokens": 8, "completion_tokens": len(words),
-            "total_tokens": 8 + len(words)}
-
-
-def _event(payload) -> bytes:
-    return b"data: " + json.dumps(payload).encode("utf-8") + b"\n\n"
+def _event(payload, name: str | None = None) -> bytes:
+    """
+    A server-sent event: C{data:} with C{payload} as JSON, after an
+    C{event:} line if C{name} is given.
+    """
+    data = b"data: " + _dumps(payload) + b"\n\n"
+    if name is None:
+        return data
+    return b"event: " + name.encode("ascii") + b"\n" + data
 
 
 class _EventSender:
     """
-    Writes server-sent events to a request, C{interval} seconds apart,
-    optionally closing the connection after C{dropAfter} of them.
+    Writes server-sent events to C{body}, C{interval} seconds apart,
+    optionally closing the connection after C{dropAfter} of them; calls
+    C{report} when it has written the event that carries the usage.
     """
 
-    def __init__(self, reactor, interval, request, events, dropAfter):
+    def __init__(self, reactor, interval, request, body, events, dropAfter, report):
         self._reactor = reactor
         self._interval = interval
-        self._request = request
+        self._body = body
         self._events = iter(events)
         self._left = dropAfter
+        self._report = report
         self._lost = False
         request.notifyFinish().addErrback(self._connectionLost)
 
@@ -601,14 +1161,16 @@ class _EventSender:
         while not self._lost:
             if self._left is not None:
                 if self._left == 0:
-                    self._request.loseConnection()
+                    self._body.loseConnection()
                     return
                 self._left -= 1
-            event = next(self._events, None)
+            event, usage = next(self._events, (None, False))
             if event is None:
-                self._request.finish()
+                self._body.finish()
                 return
-            self._request.write(event)
+            self._body.write(event)
+            if usage and self._report is not None:
+                self._report()
             if self._interval:
                 self._reactor.callLater(self._interval, self._send)
                 return
@@ -617,7 +1179,8 @@ class _EventSender:
 @implementer(IPushProducer)
 class _Flood:
     """
-    Writes event-stream comments to a request for as long as it takes them.
+    Writes event-stream comments to a request for as long as it takes them
+    (never compressed: a flood is about bytes on the wire).
     """
 
     _CHUNK = b": " + b"x" * 16380 + b"\n\n"

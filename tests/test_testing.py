@@ -32,6 +32,7 @@ from tests.memory import MemoryNetwork, RawClient
 
 KEYS = ("sk-test-one-1a2b", "sk-test-two-3c4d")
 CHAT = "/api/v1/chat/completions"
+FREE = "test/model:free"
 WORDS = FAKE_ANSWER.split()
 
 
@@ -161,7 +162,7 @@ class KeyCheckTests(FakeTestCase):
         With C{keys=None} the fake accepts any Bearer key.
         """
         self.useFake(FakeOpenRouter(None, reactor=self.clock))
-        response = self.chat(key="sk-whatever")
+        response = self.chat(key="sk-whatever", model=FREE)
         self.assertEqual(response.code, 200)
         self.assertEqual(self.fake.usedToday["sk-whatever"], 1)
 
@@ -265,20 +266,23 @@ class StreamingTests(FakeTestCase):
         self.assertEqual(events[0], b": OPENROUTER PROCESSING")
         self.assertEqual(events[-1], b"data: [DONE]")
         chunks = [dataOf(event) for event in events[1:-1]]
-        self.assertEqual(len(chunks), len(WORDS) + 1)
+        self.assertEqual(len(chunks), len(WORDS) + 2)
         for chunk in chunks:
             self.assertEqual(chunk["object"], "chat.completion.chunk")
             self.assertEqual(chunk["model"], "test/model")
-        deltas = [chunk["choices"][0]["delta"]["content"] for chunk in chunks[:-1]]
+        deltas = [chunk["choices"][0]["delta"]["content"] for chunk in chunks[:-2]]
         self.assertEqual(len(deltas), len(WORDS))
         self.assertEqual("".join(deltas), FAKE_ANSWER)
         self.assertEqual(
-            [chunk["choices"][0]["finish_reason"] for chunk in chunks[:-1]],
+            [chunk["choices"][0]["finish_reason"] for chunk in chunks[:-2]],
             [None] * len(WORDS),
         )
-        last = chunks[-1]
-        self.assertEqual(last["choices"][0]["finish_reason"], "stop")
-        self.assertEqual(last["usage"]["completion_tokens"], len(WORDS))
+        finish, accounting = chunks[-2:]
+        self.assertEqual(finish["choices"][0]["finish_reason"], "stop")
+        self.assertNotIn("usage", finish)
+        self.assertEqual(accounting["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(accounting["usage"]["completion_tokens"], len(WORDS))
+        self.assertEqual([chunk for chunk in chunks if "usage" in chunk], [accounting])
         self.assertTrue(stream.endswith(b"data: [DONE]\n\n"))
 
     def test_streamHonoursMaxTokens(self):
@@ -286,8 +290,8 @@ class StreamingTests(FakeTestCase):
         C{max_tokens} sets the number of word events in a stream too.
         """
         events = splitEvents(self.content(self.chat(stream=True, max_tokens=4)))
-        # The comment, four words, the final event, [DONE].
-        self.assertEqual(len(events), 1 + 4 + 1 + 1)
+        # The comment, four words, the finish and usage events, [DONE].
+        self.assertEqual(len(events), 1 + 4 + 2 + 1)
         deltas = [dataOf(event)["choices"][0]["delta"]["content"] for event in events[1:5]]
         self.assertEqual("".join(deltas), " ".join(WORDS[:4]))
 
@@ -308,7 +312,7 @@ class StreamingTests(FakeTestCase):
         response.deliverBody(body)
         self.stub.flush()
         self.assertEqual(splitEvents(body.value()), [b": OPENROUTER PROCESSING"])
-        total = 1 + len(WORDS) + 1 + 1
+        total = 1 + len(WORDS) + 2 + 1
         for seen in range(2, total + 1):
             self.clock.advance(1.9)
             self.stub.flush()
@@ -349,15 +353,19 @@ class OtherEndpointTests(FakeTestCase):
         """
         self.assertEqual(self.keyUsage(KEYS[0]), {"limit": 50, "remaining": 50, "used": 0})
 
-    def test_keyUsageCountsChatCompletionsPerKey(self):
+    def test_keyUsageCountsFreeModelRequestsPerKey(self):
         """
-        GET /api/v1/key counts the chat completions, streamed or not, made
-        with the key asking, and nothing else.
+        GET /api/v1/key counts the free-model requests (model ids ending
+        with C{:free}), streamed or not, of any shape, made with the key
+        asking, and nothing else: paid models are not limited by a count.
         """
         self.useFake(FakeOpenRouter(KEYS, reactor=self.clock, dailyLimit=5))
+        self.content(self.chat(key=KEYS[0], model=FREE))
+        self.content(self.chat(key=KEYS[0], model=FREE, stream=True))
         self.content(self.chat(key=KEYS[0]))
-        self.content(self.chat(key=KEYS[0], stream=True))
-        self.content(self.chat(key=KEYS[1]))
+        self.content(self.chat(key=KEYS[0], model="test/free"))
+        self.content(self.respond("POST", "/api/v1/responses", key=KEYS[1],
+                                  data=json.dumps({"model": FREE, "input": "hi"}).encode()))
         self.content(self.respond("GET", "/api/v1/models", key=KEYS[0]))
         self.assertEqual(self.keyUsage(KEYS[0]), {"limit": 5, "remaining": 3, "used": 2})
         self.assertEqual(self.keyUsage(KEYS[1]), {"limit": 5, "remaining": 4, "used": 1})
@@ -369,8 +377,8 @@ class OtherEndpointTests(FakeTestCase):
         on counting.
         """
         self.useFake(FakeOpenRouter(KEYS, reactor=self.clock, dailyLimit=1))
-        self.content(self.chat())
-        self.content(self.chat())
+        self.content(self.chat(model=FREE))
+        self.content(self.chat(model=FREE))
         self.assertEqual(self.keyUsage(KEYS[0]), {"limit": 1, "remaining": 0, "used": 2})
 
     def test_unknownPathIsNotFound(self):
@@ -602,6 +610,7 @@ class RefusalTests(FakeTestCase):
             "request_too_costly": Kind.OVER_BUDGET,
             "credits": Kind.DISABLED,
             "negative_balance": Kind.DISABLED,
+            "negative": Kind.DISABLED,
         }
         self.assertEqual(set(expected), set(self.fake.PAYMENT_KINDS))
         for kind, verdictKind in expected.items():
