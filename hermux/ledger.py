@@ -462,10 +462,16 @@ def _version(connection, path: str) -> int:
 
 
 def _inTransaction(connection, statements) -> None:
+    """
+    Run C{statements} (SQL text, or SQL and its parameters) in one
+    transaction: all of them or, with an exception, none.
+    """
     connection.execute("BEGIN IMMEDIATE")
     try:
         for statement in statements:
-            connection.execute(statement)
+            if isinstance(statement, str):
+                statement = (statement,)
+            connection.execute(*statement)
         connection.execute("COMMIT")
     except BaseException:
         if connection.in_transaction:
@@ -797,20 +803,31 @@ class SQLiteLedger(Service):
                 )
 
         def failed(failure):
-            self._log.failure(
-                "could not delete old days from {path}", failure, path=self.path
+            # As with a write that fails: the state file is the problem,
+            # and the next day tries again.
+            self._log.error(
+                "could not delete old days from {path}: {problem}",
+                path=self.path,
+                problem=failure.getErrorMessage(),
             )
 
         return d.addCallbacks(pruned, failed)
 
     def _deleteBefore(self, day: int) -> int:
-        # In the writer's thread.
+        # In the writer's thread.  Most days there is nothing to delete:
+        # then nothing is written.
         connection = self._connection
-        before = connection.total_changes
-        _inTransaction(
-            connection, [f"DELETE FROM {t} WHERE day < '{dayText(day)}'" for t in _TABLES]
-        )
-        return connection.total_changes - before
+        before = (dayText(day),)
+        tables = [
+            t
+            for t in _TABLES
+            if connection.execute(f"SELECT 1 FROM {t} WHERE day < ? LIMIT 1", before).fetchone()
+        ]
+        if not tables:
+            return 0
+        changes = connection.total_changes
+        _inTransaction(connection, [(f"DELETE FROM {t} WHERE day < ?", before) for t in tables])
+        return connection.total_changes - changes
 
     # IBatchTarget: how the writer writes a batch of counts.
 

@@ -5,6 +5,7 @@ Tests for L{hermux.ledger}: the usage ledger and its SQLite state file.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -21,22 +22,42 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+import hermux.ledger
 from hermux.config import Key
 from hermux.keypool import KeyPool, dayOf
 from hermux.ledger import (
     APPLICATION_ID,
+    COUNTERS,
+    MODEL_LENGTH,
+    MODELS_PER_DAY,
+    OTHER_MODEL,
     SCHEMA_VERSION,
+    UNKNOWN,
+    Counts,
     ILedger,
     KeyUsage,
     LedgerError,
     MemoryLedger,
     SQLiteLedger,
+    UsageRow,
+    dayNumber,
+    dayText,
+    openReadOnly,
+    readUsage,
 )
 
 NOW = 1_800_000_000.0 + 1234.5  # 2027-01-15T08:20:34Z
 DAY = dayOf(NOW)
 DAY_TEXT = "2027-01-15"
 NEXT_DAY_TEXT = "2027-01-16"
+SCHEMA1 = os.path.join(os.path.dirname(__file__), "data", "state-schema1.sqlite")
+
+
+def requests(n: int = 1, **counts) -> Counts:
+    """
+    The counts of C{n} requests, and whatever else C{counts} names.
+    """
+    return Counts(requests=n, **counts)
 
 
 class ThreadedClock(Clock):
@@ -48,11 +69,15 @@ class ThreadedClock(Clock):
     C{reactor.callFromThread}; a plain L{Clock} has no such method.  This
     one hands those calls to the real reactor, so that the write really
     happens in a thread while time (the flush interval and
-    C{problemLogInterval}) stays under the test's control.
+    C{problemLogInterval}) stays under the test's control.  Its thread pool
+    (where L{SQLiteLedger.usage} reads) is the real reactor's.
     """
 
     def callFromThread(self, f, *args, **kwargs):
         reactor.callFromThread(f, *args, **kwargs)
+
+    def getThreadPool(self):
+        return reactor.getThreadPool()
 
 
 def query(path: str, sql: str, parameters=()) -> list[tuple]:
@@ -69,16 +94,27 @@ def query(path: str, sql: str, parameters=()) -> list[tuple]:
 
 def storedKeys(path: str) -> set[tuple]:
     """
-    The rows of the key_usage table.
+    The key_usage table's rows: day, key, requests, rate limited, errors.
     """
     return set(query(path, "SELECT day, key, requests, rate_limited, errors FROM key_usage"))
 
 
 def storedClients(path: str) -> set[tuple]:
     """
-    The rows of the client_usage table.
+    The client_usage table's rows: day, client, requests.
     """
     return set(query(path, "SELECT day, client, requests FROM client_usage"))
+
+
+def storedDetail(path: str) -> set[tuple]:
+    """
+    The usage table's rows, every column.
+    """
+    return set(query(path, "SELECT * FROM usage"))
+
+
+def schema(path: str) -> list[tuple]:
+    return query(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
 
 
 async def waitUntil(predicate, timeout: float = 5.0) -> bool:
@@ -94,60 +130,247 @@ async def waitUntil(predicate, timeout: float = 5.0) -> bool:
     return True
 
 
-class MemoryLedgerTests(SynchronousTestCase):
+class CountsTests(SynchronousTestCase):
     """
-    Tests for L{MemoryLedger}.
+    Tests for L{Counts}.
+    """
+
+    def test_add(self):
+        """
+        Counts add up counter by counter.
+        """
+        a = Counts(1, 2, 3, 4, 5, 6, 7, 8, 9)
+        b = Counts(10, 20, 30, 40, 50, 60, 70, 80, 90)
+        self.assertEqual(a + b, Counts(11, 22, 33, 44, 55, 66, 77, 88, 99))
+        self.assertEqual(a + Counts(), a)
+
+    def test_row(self):
+        """
+        L{Counts.asRow} gives the counters in L{COUNTERS}' order, and
+        L{Counts.fromRow} takes them back.
+        """
+        counts = Counts(
+            requests=1,
+            freeRequests=2,
+            rateLimited=3,
+            errors=4,
+            promptTokens=5,
+            completionTokens=6,
+            reasoningTokens=7,
+            cachedTokens=8,
+            cost=9,
+        )
+        self.assertEqual(counts.asRow(), (1, 2, 3, 4, 5, 6, 7, 8, 9))
+        self.assertEqual(len(COUNTERS), 9)
+        self.assertEqual(COUNTERS[-1], "cost")
+        self.assertEqual(Counts.fromRow(counts.asRow()), counts)
+
+    def test_keyUsageIsCounts(self):
+        """
+        L{KeyUsage} is the old name of L{Counts}.
+        """
+        self.assertIs(KeyUsage, Counts)
+
+
+class LedgerTestsMixin:
+    """
+    What every L{ILedger} does with the counts it is given; C{makeLedger}
+    makes the ledger tested.
     """
 
     def test_providesILedger(self):
         """
-        L{MemoryLedger} provides L{ILedger}.
+        The ledger provides L{ILedger}.
         """
-        self.assertTrue(verifyObject(ILedger, MemoryLedger()))
+        self.assertTrue(verifyObject(ILedger, self.makeLedger()))
 
     def test_countsPerDay(self):
         """
         Key and client counts add up per day, and days are kept apart.
         """
-        ledger = MemoryLedger()
-        ledger.record(DAY, "key0", requests=2)
-        ledger.record(DAY, "key0", rateLimited=1, errors=1)
-        ledger.record(DAY + 1, "key0", requests=5)
-        ledger.recordClient(DAY, "alice")
-        ledger.recordClient(DAY, "alice")
-        ledger.recordClient(DAY + 1, "bob")
-        self.assertEqual(ledger.keyUsage(DAY), {"key0": KeyUsage(2, 1, 1)})
-        self.assertEqual(ledger.keyUsage(DAY + 1), {"key0": KeyUsage(5, 0, 0)})
-        self.assertEqual(ledger.clientUsage(DAY), {"alice": 2})
-        self.assertEqual(ledger.clientUsage(DAY + 1), {"bob": 1})
+        ledger = self.makeLedger()
+        ledger.add(DAY, "key0", "alice", "m", requests(2))
+        ledger.add(DAY, "key0", "bob", "m", Counts(rateLimited=1, errors=1))
+        ledger.add(DAY + 1, "key0", "bob", "m", requests(5))
+        self.assertEqual(ledger.keyUsage(DAY), {"key0": requests(2, rateLimited=1, errors=1)})
+        self.assertEqual(ledger.keyUsage(DAY + 1), {"key0": requests(5)})
+        self.assertEqual(
+            ledger.clientUsage(DAY),
+            {"alice": requests(2), "bob": Counts(rateLimited=1, errors=1)},
+        )
+        self.assertEqual(ledger.clientUsage(DAY + 1), {"bob": requests(5)})
         self.assertEqual(ledger.keyUsage(DAY - 1), {})
         self.assertEqual(ledger.clientUsage(DAY - 1), {})
+
+    def test_everyCounter(self):
+        """
+        Every counter is kept, tokens and cost too.
+        """
+        ledger = self.makeLedger()
+        counts = Counts(1, 1, 0, 0, 1234, 567, 89, 1000, 12_300_000)
+        ledger.add(DAY, "key0", "alice", "openai/gpt-4o", counts)
+        ledger.add(DAY, "key0", "alice", "openai/gpt-4o", counts)
+        self.assertEqual(ledger.keyUsage(DAY), {"key0": counts + counts})
+        self.assertEqual(ledger.clientUsage(DAY), {"alice": counts + counts})
+
+    async def usage(self, ledger, fromDay, toDay, groupBy) -> list[UsageRow]:
+        return await ledger.usage(fromDay, toDay, groupBy)
+
+    def fill(self, ledger):
+        ledger.add(DAY, "key0", "alice", "m1", requests(1, cost=10))
+        ledger.add(DAY, "key0", "bob", "m2", requests(2, cost=20))
+        ledger.add(DAY, "key1", "alice", "m2", requests(4, cost=40))
+        ledger.add(DAY + 1, "key1", "bob", "m1", requests(8, cost=80))
+        ledger.add(DAY + 2, "key1", "bob", "m1", requests(16, cost=160))
+
+    async def test_usageGroupings(self):
+        """
+        L{ILedger.usage} sums the days asked for per group of the columns
+        asked for, in their order, sorted; days are ISO text.
+        """
+        ledger = self.makeLedger()
+        self.fill(ledger)
+        self.assertEqual(
+            await self.usage(ledger, DAY, DAY + 1, ("day", "key")),
+            [
+                UsageRow((DAY_TEXT, "key0"), requests(3, cost=30)),
+                UsageRow((DAY_TEXT, "key1"), requests(4, cost=40)),
+                UsageRow((NEXT_DAY_TEXT, "key1"), requests(8, cost=80)),
+            ],
+        )
+        self.assertEqual(
+            await self.usage(ledger, DAY, DAY + 2, ("client",)),
+            [UsageRow(("alice",), requests(5, cost=50)), UsageRow(("bob",), requests(26, cost=260))],
+        )
+        self.assertEqual(
+            await self.usage(ledger, DAY, DAY, ("model", "day")),
+            [UsageRow(("m1", DAY_TEXT), requests(1, cost=10)), UsageRow(("m2", DAY_TEXT), requests(6, cost=60))],
+        )
+        self.assertEqual(
+            await self.usage(ledger, DAY, DAY + 2, ("key", "client", "model")),
+            [
+                UsageRow(("key0", "alice", "m1"), requests(1, cost=10)),
+                UsageRow(("key0", "bob", "m2"), requests(2, cost=20)),
+                UsageRow(("key1", "alice", "m2"), requests(4, cost=40)),
+                UsageRow(("key1", "bob", "m1"), requests(24, cost=240)),
+            ],
+        )
+        self.assertEqual(
+            await self.usage(ledger, DAY + 1, DAY + 2, ()), [UsageRow((), requests(24, cost=240))]
+        )
+        self.assertEqual(await self.usage(ledger, DAY + 3, DAY + 9, ("day", "key")), [])
+        self.assertEqual(await self.usage(ledger, DAY + 3, DAY + 9, ()), [])
+
+    def test_usageBadGrouping(self):
+        """
+        A column that is not one of day, key, client and model, or one
+        named twice, is a L{ValueError}.
+        """
+        ledger = self.makeLedger()
+        self.assertRaises(ValueError, ledger.usage, DAY, DAY, ("day", "token"))
+        self.assertRaises(ValueError, ledger.usage, DAY, DAY, ("key", "key"))
+
+    async def test_longModelCut(self):
+        """
+        A model name longer than L{MODEL_LENGTH} characters is cut there; an
+        empty one is L{UNKNOWN}.
+        """
+        ledger = self.makeLedger()
+        ledger.add(DAY, "key0", "alice", "x" * 1000, requests(1))
+        ledger.add(DAY, "key0", "alice", "x" * (MODEL_LENGTH + 1), requests(1))
+        ledger.add(DAY, "key0", "alice", "", requests(1))
+        self.assertEqual(
+            await self.usage(ledger, DAY, DAY, ("model",)),
+            [UsageRow((UNKNOWN,), requests(1)), UsageRow(("x" * MODEL_LENGTH,), requests(2))],
+        )
+
+    async def test_modelsPerDayCapped(self):
+        """
+        Beyond L{MODELS_PER_DAY} distinct models on one day, a new one
+        counts as L{OTHER_MODEL}; the models already seen stay apart, and
+        the next day starts afresh.
+        """
+        ledger = self.makeLedger()
+        for i in range(MODELS_PER_DAY + 20):
+            ledger.add(DAY, "key0", "alice", f"model-{i}", requests(1))
+        ledger.add(DAY, "key0", "alice", "model-0", requests(1))
+        ledger.add(DAY, "key0", "alice", UNKNOWN, requests(1))
+        ledger.add(DAY + 1, "key0", "alice", "fresh", requests(1))
+        rows = {row.group[0]: row.counts for row in await self.usage(ledger, DAY, DAY, ("model",))}
+        self.assertEqual(len(rows), MODELS_PER_DAY + 2)
+        self.assertEqual(rows[OTHER_MODEL], requests(20))
+        self.assertEqual(rows["model-0"], requests(2))
+        self.assertEqual(rows[UNKNOWN], requests(1))
+        self.assertNotIn(f"model-{MODELS_PER_DAY}", rows)
+        self.assertEqual(
+            await self.usage(ledger, DAY + 1, DAY + 1, ("model",)), [UsageRow(("fresh",), requests(1))]
+        )
+
+
+class MemoryLedgerTests(LedgerTestsMixin, TestCase):
+    """
+    Tests for L{MemoryLedger}.
+    """
+
+    def makeLedger(self):
+        return MemoryLedger()
 
     def test_flushFiresAtOnce(self):
         """
         A memory ledger has nothing to write: its flush has already fired.
         """
         ledger = MemoryLedger()
-        ledger.record(DAY, "key0", requests=1)
+        ledger.add(DAY, "key0", "alice", "m", requests(1))
         self.assertIsNone(self.successResultOf(ledger.flush()))
 
 
-class StateFileTests(SynchronousTestCase):
+class SQLiteLedgerUnwrittenTests(LedgerTestsMixin, TestCase):
     """
-    Opening the state file: a new one gets hermux's schema, anything that
-    is not a hermux state file of this version stops startup.
+    The same for L{SQLiteLedger}, with nothing written: every count is
+    in memory, L{SQLiteLedger.usage} reads an empty file in a thread.
     """
+
+    def makeLedger(self):
+        return SQLiteLedger(self.mktemp(), reactor=ThreadedClock())
+
+
+
+class SQLiteLedgerWrittenTests(LedgerTestsMixin, TestCase):
+    """
+    The same for L{SQLiteLedger}, with every count written before it is
+    read: what L{SQLiteLedger.usage} answers comes from the file.
+    """
+
+    def makeLedger(self):
+        clock = ThreadedClock()
+        clock.advance(NOW)
+        ledger = SQLiteLedger(self.mktemp(), reactor=clock, interval=3600)
+        ledger.startService()
+        self.addCleanup(ledger.stopService)
+        return ledger
+
+    async def usage(self, ledger, fromDay, toDay, groupBy):
+        await ledger.flush()
+        self.assertEqual(ledger._writer.pending.size, 0)
+        return await ledger.usage(fromDay, toDay, groupBy)
 
     def test_providesILedger(self):
         """
         L{SQLiteLedger} provides L{ILedger}.
         """
-        ledger = SQLiteLedger(self.mktemp(), reactor=Clock())
-        self.assertTrue(verifyObject(ILedger, ledger))
+        self.assertTrue(verifyObject(ILedger, self.makeLedger()))
+
+
+class StateFileTests(SynchronousTestCase):
+    """
+    Opening the state file: a new one gets hermux's schema, one of schema 1
+    is migrated, anything that is not a hermux state file of a version this
+    hermux knows stops startup.
+    """
 
     def test_newFileGetsSchema(self):
         """
-        A state file that does not exist yet is created with hermux's two
+        A state file that does not exist yet is created with hermux's four
         tables, its application id and the schema version.
         """
         path = self.mktemp()
@@ -156,11 +379,15 @@ class StateFileTests(SynchronousTestCase):
         tables = {
             name for (name,) in query(path, "SELECT name FROM sqlite_master WHERE type = 'table'")
         }
-        self.assertEqual(tables, {"key_usage", "client_usage"})
+        self.assertEqual(tables, {"usage", "key_usage", "client_usage", "model_usage"})
         self.assertEqual(query(path, "PRAGMA application_id"), [(APPLICATION_ID,)])
         self.assertEqual(APPLICATION_ID, 0x686D7578)
         self.assertEqual(query(path, "PRAGMA user_version"), [(SCHEMA_VERSION,)])
-        self.assertGreaterEqual(SCHEMA_VERSION, 1)
+        self.assertEqual(SCHEMA_VERSION, 2)
+        columns = [row[1] for row in query(path, "PRAGMA table_info(usage)")]
+        self.assertEqual(columns, ["day", "key", "client", "model", *COUNTERS])
+        for name, type in [(row[1], row[2]) for row in query(path, "PRAGMA table_info(usage)")]:
+            self.assertEqual(type, "TEXT" if name in ("day", "key", "client", "model") else "INTEGER")
 
     def test_reopen(self):
         """
@@ -168,10 +395,9 @@ class StateFileTests(SynchronousTestCase):
         """
         path = self.mktemp()
         SQLiteLedger(path, reactor=Clock())
-        before = query(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
+        before = schema(path)
         SQLiteLedger(path, reactor=Clock())
-        after = query(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
-        self.assertEqual(before, after)
+        self.assertEqual(schema(path), before)
         self.assertEqual(query(path, "PRAGMA application_id"), [(APPLICATION_ID,)])
         self.assertEqual(query(path, "PRAGMA user_version"), [(SCHEMA_VERSION,)])
 
@@ -225,7 +451,7 @@ class StateFileTests(SynchronousTestCase):
     def test_newerSchema(self):
         """
         A state file written by a newer hermux (a higher user_version) is
-        refused rather than misread.
+        refused rather than misread, in one line that names its schema.
         """
         path = self.mktemp()
         SQLiteLedger(path, reactor=Clock())
@@ -233,7 +459,8 @@ class StateFileTests(SynchronousTestCase):
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         connection.close()
         message = self.assertLedgerError(path)
-        self.assertIn(str(SCHEMA_VERSION + 1), message)
+        self.assertIn(f"state schema {SCHEMA_VERSION + 1}", message)
+        self.assertEqual(query(path, "PRAGMA user_version"), [(SCHEMA_VERSION + 1,)])
 
     def test_missingDirectory(self):
         """
@@ -251,52 +478,228 @@ class StateFileTests(SynchronousTestCase):
         os.mkdir(path)
         self.assertLedgerError(path)
 
+    def test_retentionDaysPositive(self):
+        """
+        C{retentionDays} is at least 1.
+        """
+        self.assertRaises(ValueError, SQLiteLedger, self.mktemp(), reactor=Clock(), retentionDays=0)
 
-class RecordTests(SynchronousTestCase):
+
+class MigrationTests(SynchronousTestCase):
     """
-    Counts are visible as soon as they are recorded, before any write.
+    A state file of schema 1, as the released hermux writes it
+    (tests/data/state-schema1.sqlite), is migrated to schema 2 in place.
+    """
+
+    def copy(self) -> str:
+        path = self.mktemp()
+        shutil.copyfile(SCHEMA1, path)
+        return path
+
+    def test_fixtureIsSchema1(self):
+        """
+        The fixture is what it says.
+        """
+        self.assertEqual(query(SCHEMA1, "PRAGMA user_version"), [(1,)])
+        self.assertEqual(query(SCHEMA1, "PRAGMA application_id"), [(APPLICATION_ID,)])
+
+    def test_everyCountKept(self):
+        """
+        After the migration the file has schema 2 (the same as a new
+        file's), and every count of schema 1: each key row in key_usage,
+        with zero for the counters schema 1 did not have, and as a detail
+        row of client and model L{UNKNOWN}; each client row in
+        client_usage.
+        """
+        path = self.copy()
+        before = {
+            "keys": storedKeys(path),
+            "clients": storedClients(path),
+        }
+        self.assertEqual(len(before["keys"]), 4)
+        self.assertEqual(len(before["clients"]), 3)
+        ledger = SQLiteLedger(path, reactor=Clock())
+        self.assertEqual(query(path, "PRAGMA user_version"), [(2,)])
+        self.assertEqual(query(path, "PRAGMA application_id"), [(APPLICATION_ID,)])
+        self.assertEqual(query(path, "PRAGMA integrity_check"), [("ok",)])
+        fresh = self.mktemp()
+        SQLiteLedger(fresh, reactor=Clock())
+        self.assertEqual(schema(path), schema(fresh))
+
+        self.assertEqual(storedKeys(path), before["keys"])
+        self.assertEqual(storedClients(path), before["clients"])
+        zeros = (0,) * (len(COUNTERS) - 3)
+        self.assertEqual(
+            set(query(path, "SELECT * FROM key_usage")),
+            {
+                (day, key, requests, 0, rateLimited, errors, *zeros[1:])
+                for day, key, requests, rateLimited, errors in before["keys"]
+            },
+        )
+        self.assertEqual(
+            storedDetail(path),
+            {
+                (day, key, UNKNOWN, UNKNOWN, requests, 0, rateLimited, errors, *zeros[1:])
+                for day, key, requests, rateLimited, errors in before["keys"]
+            },
+        )
+        self.assertEqual(
+            set(query(path, "SELECT day, model, requests, rate_limited, errors FROM model_usage")),
+            {("2026-11-30", UNKNOWN, 19, 1, 2), ("2026-12-01", UNKNOWN, 43, 5, 1)},
+        )
+        day = dayNumber("2026-11-30")
+        self.assertEqual(
+            ledger.keyUsage(day),
+            {"alice": requests(12, rateLimited=1), "bob": requests(7, errors=2)},
+        )
+        self.assertEqual(ledger.clientUsage(day), {"team-a": requests(15), "laptop": requests(4)})
+        self.assertEqual(ledger.keyUsage(day + 1)["carol"], requests(40, rateLimited=5, errors=1))
+
+    def test_migratedOnce(self):
+        """
+        A migrated file opens again without change.
+        """
+        path = self.copy()
+        SQLiteLedger(path, reactor=Clock())
+        before = (schema(path), storedDetail(path), storedClients(path))
+        SQLiteLedger(path, reactor=Clock())
+        self.assertEqual((schema(path), storedDetail(path), storedClients(path)), before)
+
+    def test_failureLeavesSchema1(self):
+        """
+        A migration that fails part of the way (here its last statement
+        fails) changes nothing: the file is still of schema 1 with its
+        tables and rows, and hermux refuses to start on it with one line.
+        """
+        path = self.copy()
+        with open(path, "rb") as f:
+            original = f.read()
+        self.patch(
+            hermux.ledger,
+            "_MIGRATE_1_TO_2",
+            [*hermux.ledger._MIGRATE_1_TO_2, "INSERT INTO no_such_table VALUES (1)"],
+        )
+        error = self.assertRaises(LedgerError, SQLiteLedger, path, reactor=Clock())
+        self.assertNotIn("\n", str(error))
+        self.assertIn(path, str(error))
+        self.assertEqual(query(path, "PRAGMA user_version"), [(1,)])
+        self.assertEqual(schema(path), schema(SCHEMA1))
+        self.assertEqual(storedKeys(path), storedKeys(SCHEMA1))
+        self.assertEqual(storedClients(path), storedClients(SCHEMA1))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), original)
+
+
+class ReadOnlyTests(SynchronousTestCase):
+    """
+    L{openReadOnly} and L{readUsage}: what the C{hermux usage} command
+    reads the state file with.
+    """
+
+    def test_readsWithoutWriting(self):
+        """
+        L{readUsage} reads what a ledger wrote; L{openReadOnly} changes
+        nothing and the connection cannot write.
+        """
+        path = self.mktemp()
+        ledger = SQLiteLedger(path, reactor=Clock())
+        connection = sqlite3.connect(path)
+        connection.execute(
+            "INSERT INTO key_usage (day, key, requests, cost) VALUES (?, 'key0', 3, 7)", (DAY_TEXT,)
+        )
+        connection.commit()
+        connection.close()
+        del ledger
+        with open(path, "rb") as f:
+            before = f.read()
+        reader = openReadOnly(path)
+        self.addCleanup(reader.close)
+        self.assertEqual(
+            readUsage(reader, DAY, DAY, ("day", "key")),
+            [UsageRow((DAY_TEXT, "key0"), requests(3, cost=7))],
+        )
+        self.assertRaises(sqlite3.OperationalError, reader.execute, "DELETE FROM key_usage")
+        self.assertRaises(ValueError, readUsage, reader, DAY, DAY, ("colour",))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_missingFile(self):
+        """
+        A missing file is a one-line L{LedgerError}, and is not created.
+        """
+        path = self.mktemp()
+        error = self.assertRaises(LedgerError, openReadOnly, path)
+        self.assertIn(path, str(error))
+        self.assertIn("no such state file", str(error))
+        self.assertFalse(os.path.exists(path))
+
+    def test_schema1(self):
+        """
+        A file of schema 1 is not migrated by a reader: it says that hermux
+        must start once on it.
+        """
+        path = self.mktemp()
+        shutil.copyfile(SCHEMA1, path)
+        error = self.assertRaises(LedgerError, openReadOnly, path)
+        self.assertIn("state schema 1", str(error))
+        self.assertIn("start hermux", str(error))
+        self.assertEqual(query(path, "PRAGMA user_version"), [(1,)])
+
+    def test_notHermux(self):
+        """
+        Another program's database, or an empty file, is refused.
+        """
+        path = self.mktemp()
+        connection = sqlite3.connect(path)
+        connection.execute("CREATE TABLE notes (body TEXT)")
+        connection.close()
+        self.assertIn("not a hermux state file", str(self.assertRaises(LedgerError, openReadOnly, path)))
+        empty = self.mktemp()
+        open(empty, "wb").close()
+        self.assertIn("not a hermux state file", str(self.assertRaises(LedgerError, openReadOnly, empty)))
+        self.assertEqual(os.path.getsize(empty), 0)
+
+
+class AddTests(SynchronousTestCase):
+    """
+    Counts are visible as soon as they are added, before any write.
     """
 
     def setUp(self):
         self.path = self.mktemp()
         self.ledger = SQLiteLedger(self.path, reactor=Clock())
 
-    def test_recordVisibleAtOnce(self):
+    def test_addVisibleAtOnce(self):
         """
-        What L{SQLiteLedger.record} adds shows in
-        L{SQLiteLedger.keyUsage} at once, though nothing is written yet.
+        What L{SQLiteLedger.add} adds shows in L{SQLiteLedger.keyUsage}
+        and L{SQLiteLedger.clientUsage} at once, though nothing is written
+        yet.
         """
-        self.ledger.record(DAY, "key0", requests=1)
-        self.ledger.record(DAY, "key0", requests=2, rateLimited=1)
-        self.ledger.record(DAY, "key1", errors=4)
+        self.ledger.add(DAY, "key0", "alice", "m", requests(1))
+        self.ledger.add(DAY, "key0", "bob", "m", requests(2, rateLimited=1))
+        self.ledger.add(DAY, "key1", "alice", UNKNOWN, Counts(errors=4))
         self.assertEqual(
-            self.ledger.keyUsage(DAY), {"key0": KeyUsage(3, 1, 0), "key1": KeyUsage(0, 0, 4)}
+            self.ledger.keyUsage(DAY),
+            {"key0": requests(3, rateLimited=1), "key1": Counts(errors=4)},
+        )
+        self.assertEqual(
+            self.ledger.clientUsage(DAY),
+            {"alice": requests(1, errors=4), "bob": requests(2, rateLimited=1)},
         )
         self.assertEqual(storedKeys(self.path), set())
-
-    def test_recordClientVisibleAtOnce(self):
-        """
-        What L{SQLiteLedger.recordClient} counts shows in
-        L{SQLiteLedger.clientUsage} at once, though nothing is written yet.
-        """
-        for client in ["alice", "bob", "alice"]:
-            self.ledger.recordClient(DAY, client)
-        self.assertEqual(self.ledger.clientUsage(DAY), {"alice": 2, "bob": 1})
         self.assertEqual(storedClients(self.path), set())
 
     def test_daysAreSeparate(self):
         """
         Counts for one day do not show on another.
         """
-        self.ledger.record(DAY, "key0", requests=1)
-        self.ledger.record(DAY + 1, "key0", requests=7)
-        self.ledger.recordClient(DAY, "alice")
-        self.ledger.recordClient(DAY + 1, "bob")
-        self.assertEqual(self.ledger.keyUsage(DAY), {"key0": KeyUsage(1, 0, 0)})
-        self.assertEqual(self.ledger.keyUsage(DAY + 1), {"key0": KeyUsage(7, 0, 0)})
+        self.ledger.add(DAY, "key0", "alice", "m", requests(1))
+        self.ledger.add(DAY + 1, "key0", "bob", "m", requests(7))
+        self.assertEqual(self.ledger.keyUsage(DAY), {"key0": requests(1)})
+        self.assertEqual(self.ledger.keyUsage(DAY + 1), {"key0": requests(7)})
         self.assertEqual(self.ledger.keyUsage(DAY - 1), {})
-        self.assertEqual(self.ledger.clientUsage(DAY), {"alice": 1})
-        self.assertEqual(self.ledger.clientUsage(DAY + 1), {"bob": 1})
+        self.assertEqual(self.ledger.clientUsage(DAY), {"alice": requests(1)})
+        self.assertEqual(self.ledger.clientUsage(DAY + 1), {"bob": requests(7)})
         self.assertEqual(self.ledger.clientUsage(DAY - 1), {})
 
 
@@ -323,19 +726,26 @@ class WriterTests(TestCase):
 
     async def test_flushWritesSums(self):
         """
-        Many records make one batch: after one flush the file holds one row
-        per day and key (and per day and client) with the sums.
+        Many additions make one batch: after one flush the file holds one
+        row per day, key, client and model, and one per day and key (and
+        per day and client, and per day and model) with the sums.
         """
         ledger = self.startLedger()
         for i in range(1000):
-            ledger.record(DAY, f"key{i % 3}", requests=1)
-            if i % 10 == 0:
-                ledger.record(DAY, f"key{i % 3}", rateLimited=1)
-            if i % 100 == 0:
-                ledger.record(DAY, f"key{i % 3}", errors=1)
-            ledger.recordClient(DAY, "alice" if i % 4 else "bob")
-        ledger.record(DAY + 1, "key0", requests=5)
-        ledger.recordClient(DAY + 1, "alice")
+            ledger.add(
+                DAY,
+                f"key{i % 3}",
+                "alice" if i % 4 else "bob",
+                "m",
+                Counts(
+                    requests=1,
+                    rateLimited=1 if i % 10 == 0 else 0,
+                    errors=1 if i % 100 == 0 else 0,
+                    promptTokens=10,
+                    cost=1_000_001,
+                ),
+            )
+        ledger.add(DAY + 1, "key0", "alice", "m2", requests(5))
         await ledger.flush()
         self.assertEqual(
             storedKeys(ledger.path),
@@ -348,7 +758,19 @@ class WriterTests(TestCase):
         )
         self.assertEqual(
             storedClients(ledger.path),
-            {(DAY_TEXT, "alice", 750), (DAY_TEXT, "bob", 250), (NEXT_DAY_TEXT, "alice", 1)},
+            {(DAY_TEXT, "alice", 750), (DAY_TEXT, "bob", 250), (NEXT_DAY_TEXT, "alice", 5)},
+        )
+        self.assertEqual(
+            query(ledger.path, "SELECT day, model, requests, prompt_tokens, cost FROM model_usage"),
+            [(DAY_TEXT, "m", 1000, 10_000, 1_000_001_000), (NEXT_DAY_TEXT, "m2", 5, 0, 0)],
+        )
+        self.assertEqual(len(storedDetail(ledger.path)), 7)
+        self.assertEqual(
+            query(ledger.path, "SELECT sum(requests), sum(cost) FROM usage"), [(1005, 1_000_001_000)]
+        )
+        self.assertEqual(
+            query(ledger.path, "SELECT requests FROM usage WHERE key = 'key0' AND client = 'bob'"),
+            [(84,)],
         )
 
     async def test_flushesAddUp(self):
@@ -356,34 +778,45 @@ class WriterTests(TestCase):
         A second flush adds to the rows the first wrote.
         """
         ledger = self.startLedger()
-        ledger.record(DAY, "key0", requests=2, errors=1)
-        ledger.recordClient(DAY, "alice")
+        ledger.add(DAY, "key0", "alice", "m", requests(2, errors=1, cost=5))
         await ledger.flush()
-        ledger.record(DAY, "key0", requests=3, rateLimited=1)
-        ledger.recordClient(DAY, "alice")
+        ledger.add(DAY, "key0", "alice", "m", requests(3, rateLimited=1, cost=6))
         await ledger.flush()
         self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 5, 1, 1)})
-        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 2)})
+        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 5)})
+        self.assertEqual(
+            storedDetail(ledger.path), {(DAY_TEXT, "key0", "alice", "m", 5, 0, 1, 1, 0, 0, 0, 0, 11)}
+        )
 
     async def test_usageMergesWrittenAndUnwritten(self):
         """
-        L{SQLiteLedger.keyUsage} and L{SQLiteLedger.clientUsage} add what
-        is written to what is not yet written.
+        L{SQLiteLedger.keyUsage}, L{SQLiteLedger.clientUsage} and
+        L{SQLiteLedger.usage} add what is written to what is not yet
+        written.
         """
         ledger = self.startLedger()
-        ledger.record(DAY, "key0", requests=2)
-        ledger.recordClient(DAY, "alice")
+        ledger.add(DAY, "key0", "alice", "m", requests(2))
         await ledger.flush()
-        ledger.record(DAY, "key0", requests=3, errors=1)
-        ledger.record(DAY, "key1", rateLimited=1)
-        ledger.recordClient(DAY, "alice")
-        ledger.recordClient(DAY, "bob")
+        ledger.add(DAY, "key0", "alice", "m", requests(3, errors=1))
+        ledger.add(DAY, "key1", "bob", "m", Counts(rateLimited=1))
         self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 2, 0, 0)})
         self.assertEqual(
-            ledger.keyUsage(DAY), {"key0": KeyUsage(5, 0, 1), "key1": KeyUsage(0, 1, 0)}
+            ledger.keyUsage(DAY), {"key0": requests(5, errors=1), "key1": Counts(rateLimited=1)}
         )
-        self.assertEqual(ledger.clientUsage(DAY), {"alice": 2, "bob": 1})
+        self.assertEqual(
+            ledger.clientUsage(DAY), {"alice": requests(5, errors=1), "bob": Counts(rateLimited=1)}
+        )
         self.assertEqual(ledger.keyUsage(DAY + 1), {})
+        for groupBy in [("day", "key"), ("key", "client", "model")]:
+            rows = await ledger.usage(DAY, DAY, groupBy)
+            self.assertEqual(
+                [row.counts for row in rows], [requests(5, errors=1), Counts(rateLimited=1)]
+            )
+        self.assertEqual(
+            await ledger.usage(DAY - 5, DAY + 5, ("model",)),
+            [UsageRow(("m",), requests(5, errors=1, rateLimited=1))],
+        )
+        self.assertEqual(await ledger.usage(DAY + 1, DAY + 5, ("model",)), [])
 
     async def test_usageExactWhileWriting(self):
         """
@@ -393,18 +826,55 @@ class WriterTests(TestCase):
         reactor thread until the rows are in the file).
         """
         ledger = self.startLedger()
-        ledger.record(DAY, "key0", requests=5)
-        ledger.recordClient(DAY, "alice")
+        ledger.add(DAY, "key0", "alice", "m", requests(5))
         writing = ledger.flush()
+        reading = ledger.usage(DAY, DAY, ("day", "key"))
         deadline = time.monotonic() + 5
         while not storedClients(ledger.path) and time.monotonic() < deadline:
             time.sleep(0.005)
         self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 5, 0, 0)})
         try:
-            self.assertEqual(ledger.keyUsage(DAY), {"key0": KeyUsage(5, 0, 0)})
-            self.assertEqual(ledger.clientUsage(DAY), {"alice": 1})
+            self.assertEqual(ledger.keyUsage(DAY), {"key0": requests(5)})
+            self.assertEqual(ledger.clientUsage(DAY), {"alice": requests(5)})
+            ledger.add(DAY, "key0", "alice", "m", requests(1))
+            again = ledger.usage(DAY, DAY, ("day", "key"))
         finally:
             await writing
+        self.assertEqual(await reading, [UsageRow((DAY_TEXT, "key0"), requests(5))])
+        self.assertEqual(await again, [UsageRow((DAY_TEXT, "key0"), requests(6))])
+
+    async def test_usageExactWhileWriteFails(self):
+        """
+        A batch whose write fails while a usage read waits is counted once,
+        from memory.
+        """
+        ledger = self.startLedger()
+        ledger.add(DAY, "key0", "alice", "m", requests(2))
+        await ledger.flush()
+        ledger._connection.execute("PRAGMA query_only = ON")
+        ledger.add(DAY, "key0", "alice", "m", requests(3))
+        with capturedLogs():
+            writing = ledger.flush()
+            reading = ledger.usage(DAY, DAY, ("key",))
+            await writing
+        self.assertIsNotNone(ledger.problem)
+        self.assertEqual(await reading, [UsageRow(("key0",), requests(5))])
+        self.assertEqual(await ledger.usage(DAY, DAY, ("key",)), [UsageRow(("key0",), requests(5))])
+        ledger._connection.execute("PRAGMA query_only = OFF")
+        await ledger.flush()
+        self.assertEqual(await ledger.usage(DAY, DAY, ("key",)), [UsageRow(("key0",), requests(5))])
+        self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 5, 0, 0)})
+
+    async def test_usageInAThread(self):
+        """
+        L{SQLiteLedger.usage} does not read on the reactor thread: it has
+        not fired when it returns.
+        """
+        ledger = self.startLedger()
+        ledger.add(DAY, "key0", "alice", "m", requests(1))
+        d = ledger.usage(DAY, DAY, ("day", "key"))
+        self.assertNoResult(d)
+        self.assertEqual(await d, [UsageRow((DAY_TEXT, "key0"), requests(1))])
 
     async def test_flushWaitsForWriteInProgress(self):
         """
@@ -412,9 +882,9 @@ class WriterTests(TestCase):
         when it is called while an earlier write is still in progress.
         """
         ledger = self.startLedger()
-        ledger.record(DAY, "key0", requests=1)
+        ledger.add(DAY, "key0", "alice", "m", requests(1))
         first = ledger.flush()
-        ledger.record(DAY, "key0", requests=2)
+        ledger.add(DAY, "key0", "alice", "m", requests(2))
         second = ledger.flush()
         try:
             await second
@@ -428,22 +898,21 @@ class WriterTests(TestCase):
         default) without being asked.
         """
         ledger = self.startLedger(interval=1.0)
-        ledger.record(DAY, "key0", requests=1)
+        ledger.add(DAY, "key0", "alice", "m", requests(1))
         self.clock.advance(0.5)
         await deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(storedKeys(ledger.path), set())
         self.clock.advance(0.5)
         self.assertTrue(await waitUntil(lambda: storedKeys(ledger.path)))
         self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 1, 0, 0)})
-        ledger.record(DAY, "key0", requests=1)
-        ledger.recordClient(DAY, "alice")
+        ledger.add(DAY, "key0", "bob", "m", requests(1))
 
         def later():
             # The loop waits for the first write's result (which the real
             # reactor delivers) before it counts the next interval, so let
             # time pass for as long as that takes.
             self.clock.advance(1.0)
-            return storedClients(ledger.path)
+            return (DAY_TEXT, "bob", 1) in storedClients(ledger.path)
 
         self.assertTrue(await waitUntil(later))
         self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 2, 0, 0)})
@@ -456,7 +925,7 @@ class WriterTests(TestCase):
         ledger = SQLiteLedger(self.mktemp(), reactor=self.clock)
         ledger.startService()
         self.addCleanup(ledger.stopService)
-        ledger.record(DAY, "key0", requests=1)
+        ledger.add(DAY, "key0", "alice", "m", requests(1))
         self.clock.advance(1.0)
         self.assertTrue(await waitUntil(lambda: storedKeys(ledger.path)))
 
@@ -467,12 +936,11 @@ class WriterTests(TestCase):
         connection closes.
         """
         ledger = self.startLedger()
-        ledger.record(DAY, "key0", requests=4, rateLimited=2)
-        ledger.recordClient(DAY, "alice")
+        ledger.add(DAY, "key0", "alice", "m", requests(4, rateLimited=2))
         await ledger.stopService()
         self.assertFalse(ledger.running)
         self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 4, 2, 0)})
-        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 1)})
+        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 4)})
         self.assertFalse(os.path.exists(ledger.path + "-wal"))
 
     async def test_stopWaitsForWriteInProgress(self):
@@ -481,13 +949,12 @@ class WriterTests(TestCase):
         what arrived meanwhile.
         """
         ledger = self.startLedger()
-        ledger.record(DAY, "key0", requests=1)
+        ledger.add(DAY, "key0", "alice", "m", requests(1))
         ledger.flush()
-        ledger.record(DAY, "key0", requests=2)
-        ledger.recordClient(DAY, "alice")
+        ledger.add(DAY, "key0", "bob", "m", requests(2))
         await ledger.stopService()
         self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 3, 0, 0)})
-        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 1)})
+        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 1), (DAY_TEXT, "bob", 2)})
 
     async def test_restartContinues(self):
         """
@@ -498,23 +965,96 @@ class WriterTests(TestCase):
         ledger = self.startLedger()
         path = ledger.path
         for _ in range(3):
-            ledger.record(DAY, "key0", requests=1)
-        ledger.record(DAY, "key1", requests=1, errors=1)
-        ledger.recordClient(DAY, "alice")
+            ledger.add(DAY, "key0", "alice", "m", requests(1))
+        ledger.add(DAY, "key1", "alice", "m", requests(1, errors=1))
         await ledger.stopService()
 
         again = SQLiteLedger(path, reactor=self.clock)
-        self.assertEqual(
-            again.keyUsage(DAY), {"key0": KeyUsage(3, 0, 0), "key1": KeyUsage(1, 0, 1)}
-        )
-        self.assertEqual(again.clientUsage(DAY), {"alice": 1})
+        self.assertEqual(again.keyUsage(DAY), {"key0": requests(3), "key1": requests(1, errors=1)})
+        self.assertEqual(again.clientUsage(DAY), {"alice": requests(4, errors=1)})
 
         keys = (Key(name="key0", token="sk-test-0"), Key(name="key1", token="sk-test-1"))
         pool = KeyPool(keys, ledger=again, reactor=self.clock)
         self.assertEqual(pool.requestCounts(), {"key0": 3, "key1": 1})
-        self.assertEqual(pool.acquire().name, "key1")
-        self.assertEqual(pool.acquire().name, "key1")
+        self.assertEqual(pool.acquire().key.name, "key1")
+        self.assertEqual(pool.acquire().key.name, "key1")
 
+    async def test_restartKeepsModelCap(self):
+        """
+        The models a day already has in the file count towards
+        L{MODELS_PER_DAY} after a restart.
+        """
+        ledger = self.startLedger()
+        for i in range(MODELS_PER_DAY - 1):
+            ledger.add(DAY, "key0", "alice", f"model-{i}", requests(1))
+        ledger.add(DAY - 5, "key0", "alice", "old", requests(1))
+        await ledger.stopService()
+        again = self.startLedger(ledger.path)
+        again.add(DAY, "key0", "alice", "model-0", requests(1))
+        again.add(DAY, "key0", "alice", "last", requests(1))
+        again.add(DAY, "key0", "alice", "one-too-many", requests(1))
+        again.add(DAY, "key0", "alice", "model-1", requests(1))
+        rows = {row.group[0]: row.counts for row in await again.usage(DAY, DAY, ("model",))}
+        self.assertEqual(len(rows), MODELS_PER_DAY + 1)
+        self.assertEqual(rows["model-0"], requests(2))
+        self.assertEqual(rows["model-1"], requests(2))
+        self.assertEqual(rows["last"], requests(1))
+        self.assertEqual(rows[OTHER_MODEL], requests(1))
+
+    async def test_retention(self):
+        """
+        At start, and after each 00:00 UTC, the days older than
+        C{retentionDays} (today included) are deleted from every table, in
+        the writer's thread, and the count is logged.
+        """
+        path = self.mktemp()
+        first = SQLiteLedger(path, reactor=Clock())
+        connection = sqlite3.connect(path)
+        for day in (DAY - 10, DAY - 3, DAY - 2, DAY):
+            for table, columns in [
+                ("usage", "day, key, client, model"),
+                ("key_usage", "day, key"),
+                ("client_usage", "day, client"),
+                ("model_usage", "day, model"),
+            ]:
+                names = ", ".join(["?"] + ["'x'"] * columns.count(","))
+                connection.execute(
+                    f"INSERT INTO {table} ({columns}, requests) VALUES ({names}, 1)",
+                    (dayText(day),),
+                )
+        connection.commit()
+        connection.close()
+        del first
+
+        def days():
+            return {
+                table: sorted(d for (d,) in query(path, f"SELECT day FROM {table}"))
+                for table in ("usage", "key_usage", "client_usage", "model_usage")
+            }
+
+        with capturedLogs() as events:
+            ledger = self.startLedger(path, retentionDays=3)
+            self.assertTrue(
+                await waitUntil(lambda: any("deleted" in formatEvent(e) for e in events))
+            )
+        self.assertEqual(
+            days(),
+            {table: [dayText(DAY - 2), dayText(DAY)] for table in days()},
+        )
+        messages = [formatEvent(e) for e in events if "deleted" in formatEvent(e)]
+        self.assertEqual(len(messages), 1, messages)
+        self.assertIn("8 rows", messages[0])
+        self.assertIn(dayText(DAY - 2), messages[0])
+
+        ledger.add(DAY + 1, "key0", "alice", "m", requests(1))
+        with capturedLogs() as events:
+            self.clock.advance(86400)
+            self.assertTrue(
+                await waitUntil(lambda: any("deleted 4 rows" in formatEvent(e) for e in events))
+            )
+        self.assertEqual(days()["usage"], [dayText(DAY), dayText(DAY + 1)])
+        self.assertEqual(days()["key_usage"], [dayText(DAY), dayText(DAY + 1)])
+        self.assertEqual(days()["model_usage"], [dayText(DAY), dayText(DAY + 1)])
     async def test_abandonedLosesOnlyUnwritten(self):
         """
         A ledger that disappears without stopping (as with C{kill -9})
@@ -532,17 +1072,15 @@ class WriterTests(TestCase):
         ledger = SQLiteLedger(path, reactor=clock)
         ledger.startService()
         self.addCleanup(lambda: ledger._connection.close())
-        ledger.record(DAY, "key0", requests=5, rateLimited=1)
-        ledger.recordClient(DAY, "alice")
+        ledger.add(DAY, "key0", "alice", "m", Counts(requests=5, rateLimited=1))
         await ledger.flush()
-        ledger.record(DAY, "key0", requests=100)
-        ledger.recordClient(DAY, "bob")
+        ledger.add(DAY, "key0", "alice", "m", Counts(requests=100))
         ledger._writer._loop.stop()
         ledger._writer._threads.stop()
 
         fresh = SQLiteLedger(path, reactor=Clock())
-        self.assertEqual(fresh.keyUsage(DAY), {"key0": KeyUsage(5, 1, 0)})
-        self.assertEqual(fresh.clientUsage(DAY), {"alice": 1})
+        self.assertEqual(fresh.keyUsage(DAY), {"key0": Counts(requests=5, rateLimited=1)})
+        self.assertEqual(fresh.clientUsage(DAY), {"alice": Counts(requests=5, rateLimited=1)})
         self.assertEqual(query(path, "PRAGMA integrity_check"), [("ok",)])
 
     async def test_killedProcessLeavesConsistentFile(self):
@@ -574,8 +1112,12 @@ class WriterTests(TestCase):
         batches = usage["key0"].errors
         self.assertIn(batches, (protocol.reported, protocol.reported + 1))
         for counts in usage.values():
-            self.assertEqual(counts, KeyUsage(7 * batches, 3 * batches, batches))
-        self.assertEqual(ledger.clientUsage(DAY), {"alice": 2 * batches})
+            self.assertEqual(counts, times(_PER_BATCH, batches))
+        self.assertEqual(ledger.clientUsage(DAY), {"alice": times(_PER_BATCH, batches * _KEYS_PER_BATCH)})
+        self.assertEqual(
+            query(path, f"SELECT {', '.join(f'sum({c})' for c in COUNTERS)} FROM usage"),
+            [times(_PER_BATCH, batches * _KEYS_PER_BATCH).asRow()],
+        )
 
     def breakWrites(self, ledger: SQLiteLedger, pragma: str):
         """
@@ -607,26 +1149,25 @@ class WriterTests(TestCase):
         self.assertIsNone(ledger.problem)
         self.breakWrites(ledger, "query_only = ON")
         with capturedLogs() as events:
-            ledger.record(DAY, "key0", requests=2)
-            ledger.recordClient(DAY, "alice")
+            ledger.add(DAY, "key0", "alice", "m", Counts(requests=2))
             await ledger.flush()
             self.assertIn("readonly", ledger.problem)
             self.assertEqual(storedKeys(ledger.path), set())
-            self.assertEqual(ledger.keyUsage(DAY), {"key0": KeyUsage(2, 0, 0)})
-            self.assertEqual(ledger.clientUsage(DAY), {"alice": 1})
+            self.assertEqual(ledger.keyUsage(DAY), {"key0": Counts(requests=2)})
+            self.assertEqual(ledger.clientUsage(DAY), {"alice": Counts(requests=2)})
             logged = self.errorsLogged(events)
             self.assertEqual(len(logged), 1, logged)
             self.assertIn("readonly", logged[0])
 
             self.clock.advance(ledger.problemLogInterval / 2)
-            ledger.record(DAY, "key0", errors=1)
+            ledger.add(DAY, "key0", "alice", "m", Counts(errors=1))
             await ledger.flush()
             self.assertIsNotNone(ledger.problem)
             self.assertEqual(len(self.errorsLogged(events)), 1)
-            self.assertEqual(ledger.keyUsage(DAY), {"key0": KeyUsage(2, 0, 1)})
+            self.assertEqual(ledger.keyUsage(DAY), {"key0": Counts(requests=2, errors=1)})
 
             self.clock.advance(ledger.problemLogInterval / 2)
-            ledger.record(DAY, "key0", requests=1)
+            ledger.add(DAY, "key0", "alice", "m", Counts(requests=1))
             await ledger.flush()
             self.assertEqual(len(self.errorsLogged(events)), 2)
 
@@ -642,8 +1183,8 @@ class WriterTests(TestCase):
             self.assertEqual(len(recovered), 1, recovered)
             self.assertIn(ledger.path, recovered[0])
         self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 3, 0, 1)})
-        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 1)})
-        self.assertEqual(ledger.keyUsage(DAY), {"key0": KeyUsage(3, 0, 1)})
+        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 3)})
+        self.assertEqual(ledger.keyUsage(DAY), {"key0": Counts(requests=3, errors=1)})
 
     async def test_diskFullKeepsCounting(self):
         """
@@ -653,20 +1194,20 @@ class WriterTests(TestCase):
         written once there is room again.
         """
         ledger = self.startLedger()
-        ledger.record(DAY, "key0", requests=1)
+        ledger.add(DAY, "key0", "alice", "m", Counts(requests=1))
         await ledger.flush()
         (pages,) = ledger._connection.execute("PRAGMA page_count").fetchone()
         self.breakWrites(ledger, f"max_page_count = {pages}")
         longName = "key-" + "x" * 20000  # needs pages the file may not get
         with capturedLogs() as events:
-            ledger.record(DAY, longName, requests=1)
-            ledger.record(DAY, "key0", requests=1)
+            ledger.add(DAY, longName, "alice", "m", Counts(requests=1))
+            ledger.add(DAY, "key0", "alice", "m", Counts(requests=1))
             await ledger.flush()
             self.assertIn("full", ledger.problem)
             self.assertEqual(len(self.errorsLogged(events)), 1)
         self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 1, 0, 0)})
         self.assertEqual(
-            ledger.keyUsage(DAY), {"key0": KeyUsage(2, 0, 0), longName: KeyUsage(1, 0, 0)}
+            ledger.keyUsage(DAY), {"key0": Counts(requests=2), longName: Counts(requests=1)}
         )
         self.breakWrites(ledger, "max_page_count = 1073741823")
         await ledger.flush()
@@ -685,8 +1226,7 @@ class WriterTests(TestCase):
         next write puts them in the file, once.
         """
         ledger = self.startLedger()
-        ledger.record(DAY, "key0", requests=5)
-        ledger.recordClient(DAY, "alice")
+        ledger.add(DAY, "key0", "alice", "m", Counts(requests=5))
         commitDenied = threading.Event()
 
         def denyCommit(action, argument, *rest):
@@ -703,22 +1243,22 @@ class WriterTests(TestCase):
             # the writer's thread holds until it is done with the batch.
             self.assertTrue(commitDenied.wait(5))
             try:
-                self.assertEqual(ledger.keyUsage(DAY), {"key0": KeyUsage(5, 0, 0)})
-                self.assertEqual(ledger.clientUsage(DAY), {"alice": 1})
+                self.assertEqual(ledger.keyUsage(DAY), {"key0": Counts(requests=5)})
+                self.assertEqual(ledger.clientUsage(DAY), {"alice": Counts(requests=5)})
                 self.assertEqual(storedKeys(ledger.path), set())
             finally:
                 await writing
             self.assertIn("not authorized", ledger.problem)
             self.assertEqual(len(self.errorsLogged(events)), 1)
-        self.assertEqual(ledger.keyUsage(DAY), {"key0": KeyUsage(5, 0, 0)})
+        self.assertEqual(ledger.keyUsage(DAY), {"key0": Counts(requests=5)})
 
         ledger._connection.set_authorizer(None)
         await ledger.flush()
         self.assertIsNone(ledger.problem)
         self.assertEqual(storedKeys(ledger.path), {(DAY_TEXT, "key0", 5, 0, 0)})
-        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 1)})
-        self.assertEqual(ledger.keyUsage(DAY), {"key0": KeyUsage(5, 0, 0)})
-        self.assertEqual(ledger.clientUsage(DAY), {"alice": 1})
+        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 5)})
+        self.assertEqual(ledger.keyUsage(DAY), {"key0": Counts(requests=5)})
+        self.assertEqual(ledger.clientUsage(DAY), {"alice": Counts(requests=5)})
 
     async def test_stopWhileWritesFailKeepsNothingHalfWritten(self):
         """
@@ -727,7 +1267,7 @@ class WriterTests(TestCase):
         """
         ledger = self.startLedger()
         self.breakWrites(ledger, "query_only = ON")
-        ledger.record(DAY, "key0", requests=1)
+        ledger.add(DAY, "key0", "alice", "m", Counts(requests=1))
         with capturedLogs():
             await ledger.stopService()
         self.assertFalse(ledger.running)
@@ -736,6 +1276,13 @@ class WriterTests(TestCase):
 
 
 _KEYS_PER_BATCH = 20
+# What the writer process adds per key per batch (the same literal is in
+# _WRITER_PROCESS).
+_PER_BATCH = Counts(7, 2, 3, 1, 100, 50, 5, 20, 1234)
+
+
+def times(counts: Counts, n: int) -> Counts:
+    return Counts.fromRow([c * n for c in counts.asRow()])
 
 # The child process for test_killedProcessLeavesConsistentFile: a ledger
 # service under a real reactor, writing batch after batch as fast as it can,
@@ -744,7 +1291,7 @@ _KEYS_PER_BATCH = 20
 _WRITER_PROCESS = """
 import sys
 from twisted.internet.task import react
-from hermux.ledger import SQLiteLedger
+from hermux.ledger import Counts, SQLiteLedger
 
 path, day, keys = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
@@ -754,9 +1301,7 @@ async def main(reactor):
     committed = 0
     while True:
         for i in range(keys):
-            ledger.record(day, f"key{i}", requests=7, rateLimited=3, errors=1)
-        ledger.recordClient(day, "alice")
-        ledger.recordClient(day, "alice")
+            ledger.add(day, f"key{i}", "alice", f"model{i % 3}", Counts(7, 2, 3, 1, 100, 50, 5, 20, 1234))
         await ledger.flush()
         if ledger.problem is not None:
             raise SystemExit(ledger.problem)
