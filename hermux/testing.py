@@ -694,7 +694,7 @@ class FakeOpenRouter(Resource):
         if answer.model.endswith(":free"):
             self.usedToday[received.key] += 1
         if asked.get("stream"):
-            return self._stream(request, received, shape.events(answer), answer)
+            return self._stream(request, received, shape.events(answer), answer, shape)
         self._report(received.key, answer, shape)
         return _json(request, 200, shape.json(answer))
 

@@ -7,10 +7,14 @@ demo mode that serves it.
 from __future__ import annotations
 
 import json
+import re
+import zlib
+from decimal import Decimal
 
 import treq
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -18,15 +22,25 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from hermux.demo import DemoUpstream
 from hermux.keypool import ERROR, Kind
 from hermux.quota import classify
-from hermux.testing import FAKE_ANSWER, FAKE_MODEL, FakeOpenRouter, fakeSite
+from hermux.testing import (
+    FAKE_ANSWER,
+    FAKE_MODEL,
+    FakeOpenRouter,
+    FakePrice,
+    ReportedUsage,
+    fakeSite,
+)
 from hermux.upstream import Upstream
 from tests.memory import MemoryNetwork, RawClient
 
@@ -764,6 +778,635 @@ class MisbehaviourTests(FakeTestCase):
         self.fake.floodNext(0)
         self.assertEqual(self.content(self.chat()), b"")
         self.assertEqual(self.fake.flooded, 0)
+
+
+PATHS = {
+    "chat": CHAT,
+    "completions": "/api/v1/completions",
+    "responses": "/api/v1/responses",
+    "messages": "/api/v1/messages",
+}
+PROMPTS = {
+    "chat": {"messages": [{"role": "user", "content": "hi"}]},
+    "completions": {"prompt": "Say hi."},
+    "responses": {"input": "Say hi."},
+    "messages": {"messages": [{"role": "user", "content": "hi"}]},
+}
+
+
+def shapeBody(shape: str, model="test/model", **extra) -> bytes:
+    return json.dumps({"model": model, **PROMPTS[shape], **extra}).encode()
+
+
+def expectedTokens(body: bytes, model="test/model", repeat=False, words=len(WORDS)):
+    """
+    The usage the module's docstring promises for a request with C{body}:
+    prompt, completion, reasoning, cached and cache-write tokens, and the
+    cost in credits.
+    """
+    prompt = 10 + len(body) // 4
+    cached, written = (prompt // 2, 0) if repeat else (0, prompt // 2)
+    price = FakeOpenRouter.priceOf(model)
+    nanos = (prompt - cached) * price.prompt + cached * price.cached + words * price.completion
+    return prompt, words, words // 4, cached, written, Decimal(nanos) / 10**9
+
+
+def sseEvents(stream: bytes) -> list:
+    """
+    The events of C{stream}: (C{event:} name or L{None}, the parsed
+    C{data:} JSON, C{b"[DONE]"}, or a comment line as bytes).
+    """
+    events = []
+    for block in splitEvents(stream):
+        if block.startswith(b":"):
+            events.append((None, block))
+            continue
+        name, data = None, None
+        for line in block.split(b"\n"):
+            if line.startswith(b"event: "):
+                name = line[len(b"event: "):].decode()
+            elif line.startswith(b"data: "):
+                data = line[len(b"data: "):]
+        events.append((name, data if data == b"[DONE]" else json.loads(data, parse_float=Decimal)))
+    return events
+
+
+def gunzip(data: bytes) -> bytes:
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    decoded = decoder.decompress(data)
+    assert decoder.eof, "the gzip stream did not end"
+    return decoded
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A request body written at once.
+    """
+
+    def __init__(self, data: bytes):
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class RawFakeTestCase(SynchronousTestCase):
+    """
+    The fake behind an agent that neither adds C{Accept-Encoding} nor
+    decodes (treq does both), so that tests see the bytes as sent.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.useFake(FakeOpenRouter(KEYS, reactor=self.clock))
+
+    def useFake(self, fake):
+        self.fake = fake
+        self.agent = RequestTraversalAgent(fake)
+
+    def open(self, method, path, body=b"", *, key=KEYS[0], acceptEncoding=None):
+        """
+        Send a request; return its response and a collector of its body.
+        """
+        headers = Headers({"Content-Type": ["application/json"]})
+        if key is not None:
+            headers.setRawHeaders("Authorization", [f"Bearer {key}"])
+        if acceptEncoding is not None:
+            headers.setRawHeaders("Accept-Encoding", [acceptEncoding])
+        pending = self.agent.request(
+            method.encode(), b"http://openrouter.test" + path.encode(), headers,
+            _BytesProducer(body) if body else None,
+        )
+        self.agent.flush()
+        response = self.successResultOf(pending)
+        collector = _Collector()
+        response.deliverBody(collector)
+        self.agent.flush()
+        return response, collector
+
+    def post(self, shape, body=None, **kwargs):
+        """
+        POST C{body} (the shape's default one if L{None}) to the path of
+        C{shape}, answered at once; return the response and its raw body.
+        """
+        response, collector = self.open(
+            "POST", PATHS[shape], shapeBody(shape) if body is None else body, **kwargs
+        )
+        collector.reason.trap(ResponseDone)
+        return response, collector.value()
+
+    def decoded(self, response, raw: bytes) -> bytes:
+        if response.headers.getRawHeaders("Content-Encoding") == ["gzip"]:
+            return gunzip(raw)
+        self.assertIsNone(response.headers.getRawHeaders("Content-Encoding"))
+        return raw
+
+    def assertDecimalCost(self, text: bytes, cost: Decimal):
+        """
+        C{text} writes C{cost} as a plain decimal number, with no exponent.
+        """
+        written = re.findall(rb'"cost": ([-0-9.eE+]+)', text)
+        self.assertTrue(written, text)
+        for number in written:
+            self.assertRegex(number, rb"^(0|0\.[0-9]*[1-9]|[1-9][0-9]*(\.[0-9]*[1-9])?)$")
+        self.assertEqual(Decimal(written[-1].decode()), cost)
+
+
+class UsageShapeTests(RawFakeTestCase):
+    """
+    Every completion carries usage as OpenRouter sends it, in the shape of
+    its API, as JSON and as server-sent events.
+    """
+
+    def reportedLast(self) -> ReportedUsage:
+        return self.fake.reported[-1]
+
+    def test_chatJSON(self):
+        body = shapeBody("chat")
+        response, raw = self.post("chat", body)
+        self.assertEqual(response.code, 200)
+        answer = json.loads(raw, parse_float=Decimal)
+        self.assertEqual(answer["choices"][0]["message"]["content"], FAKE_ANSWER)
+        prompt, completion, reasoning, cached, written, cost = expectedTokens(body)
+        self.assertEqual(answer["usage"], {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "cost": cost,
+            "is_byok": False,
+            "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": written, "audio_tokens": 0},
+            "cost_details": {"upstream_inference_cost": cost * 20},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
+        })
+        self.assertGreater(reasoning, 0)
+        self.assertDecimalCost(raw, cost)
+        self.assertEqual(self.fake.reported, [ReportedUsage(
+            key=KEYS[0], model="test/model", promptTokens=prompt, completionTokens=completion,
+            reasoningTokens=reasoning, cachedTokens=0, cost=cost, free=False)])
+
+    def test_chatSSE(self):
+        body = shapeBody("chat", stream=True)
+        response, raw = self.post("chat", body)
+        events = sseEvents(raw)
+        self.assertEqual(events[0], (None, b": OPENROUTER PROCESSING"))
+        self.assertEqual(events[-1], (None, b"[DONE]"))
+        chunks = [data for _, data in events[1:-1]]
+        withUsage = [chunk for chunk in chunks if "usage" in chunk]
+        self.assertEqual(withUsage, [chunks[-1]])
+        self.assertEqual([c["choices"][0]["finish_reason"] for c in chunks[-2:]], ["stop", "stop"])
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content", "") for c in chunks), FAKE_ANSWER)
+        prompt, completion, reasoning, cached, written, cost = expectedTokens(body)
+        usage = chunks[-1]["usage"]
+        self.assertEqual(
+            (usage["prompt_tokens"], usage["completion_tokens"], usage["cost"],
+             usage["completion_tokens_details"]["reasoning_tokens"],
+             usage["prompt_tokens_details"]["cache_write_tokens"]),
+            (prompt, completion, cost, reasoning, written),
+        )
+        self.assertDecimalCost(raw, cost)
+        self.assertEqual(self.reportedLast().cost, cost)
+        self.assertEqual(len(self.fake.reported), 1)
+
+    def test_completionsJSON(self):
+        body = shapeBody("completions")
+        response, raw = self.post("completions", body)
+        answer = json.loads(raw, parse_float=Decimal)
+        self.assertEqual(answer["object"], "text_completion")
+        self.assertEqual(answer["choices"][0]["text"], FAKE_ANSWER)
+        prompt, completion, reasoning, _, _, cost = expectedTokens(body)
+        self.assertEqual(
+            (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"], answer["usage"]["cost"]),
+            (prompt, completion, cost),
+        )
+        self.assertEqual(self.reportedLast(), ReportedUsage(
+            KEYS[0], "test/model", prompt, completion, reasoning, 0, cost, False))
+
+    def test_completionsSSE(self):
+        body = shapeBody("completions", stream=True, max_tokens=5)
+        _, raw = self.post("completions", body)
+        events = sseEvents(raw)
+        self.assertEqual(events[-1], (None, b"[DONE]"))
+        chunks = [data for _, data in events[1:-1]]
+        self.assertEqual("".join(c["choices"][0]["text"] for c in chunks), " ".join(WORDS[:5]))
+        self.assertEqual([c for c in chunks if "usage" in c], [chunks[-1]])
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
+        prompt, completion, reasoning, _, _, cost = expectedTokens(body, words=5)
+        self.assertEqual(chunks[-1]["usage"]["completion_tokens"], 5)
+        self.assertEqual(self.reportedLast(), ReportedUsage(
+            KEYS[0], "test/model", prompt, 5, 1, 0, cost, False))
+
+    def test_responsesJSON(self):
+        body = shapeBody("responses")
+        _, raw = self.post("responses", body)
+        answer = json.loads(raw, parse_float=Decimal)
+        self.assertEqual((answer["object"], answer["status"], answer["model"]),
+                         ("response", "completed", "test/model"))
+        [message] = answer["output"]
+        self.assertEqual(message["type"], "message")
+        self.assertEqual(message["content"][0]["type"], "output_text")
+        self.assertEqual(message["content"][0]["text"], FAKE_ANSWER)
+        prompt, completion, reasoning, _, _, cost = expectedTokens(body)
+        self.assertEqual(answer["usage"], {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt + completion,
+            "cost": cost,
+            "is_byok": False,
+            "cost_details": {"upstream_inference_cost": cost * 20},
+        })
+        self.assertEqual(self.reportedLast(), ReportedUsage(
+            KEYS[0], "test/model", prompt, completion, reasoning, 0, cost, False))
+
+    def test_responsesSSE(self):
+        body = shapeBody("responses", stream=True, max_output_tokens=4)
+        _, raw = self.post("responses", body)
+        events = sseEvents(raw)[1:]
+        names = [name for name, _ in events]
+        self.assertEqual(names, ["response.created"] + ["response.output_text.delta"] * 4
+                         + ["response.output_text.done", "response.completed"])
+        for name, data in events:
+            self.assertEqual(data["type"], name)
+        self.assertEqual("".join(data["delta"] for _, data in events[1:5]), " ".join(WORDS[:4]))
+        self.assertIsNone(events[0][1]["response"]["usage"])
+        completed = events[-1][1]["response"]
+        self.assertEqual(completed["status"], "completed")
+        self.assertEqual(completed["output"][0]["content"][0]["text"], " ".join(WORDS[:4]))
+        prompt, completion, reasoning, _, _, cost = expectedTokens(body, words=4)
+        self.assertEqual(
+            (completed["usage"]["input_tokens"], completed["usage"]["output_tokens"],
+             completed["usage"]["output_tokens_details"]["reasoning_tokens"], completed["usage"]["cost"]),
+            (prompt, 4, 1, cost),
+        )
+        self.assertNotIn(b"[DONE]", raw)
+        self.assertEqual(self.reportedLast(), ReportedUsage(KEYS[0], "test/model", prompt, 4, 1, 0, cost, False))
+
+    def test_messagesJSON(self):
+        body = shapeBody("messages")
+        _, raw = self.post("messages", body)
+        answer = json.loads(raw, parse_float=Decimal)
+        self.assertEqual((answer["type"], answer["role"], answer["model"], answer["stop_reason"]),
+                         ("message", "assistant", "test/model", "end_turn"))
+        self.assertEqual(answer["content"], [{"type": "text", "text": FAKE_ANSWER}])
+        prompt, completion, _, _, written, cost = expectedTokens(body)
+        usage = answer["usage"]
+        self.assertEqual(
+            {name: usage[name] for name in ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                                            "cache_creation_input_tokens", "cost")},
+            {"input_tokens": prompt - written, "output_tokens": completion,
+             "cache_read_input_tokens": 0, "cache_creation_input_tokens": written, "cost": cost},
+        )
+        self.assertEqual(self.reportedLast(), ReportedUsage(
+            KEYS[0], "test/model", prompt - written, completion, 0, 0, cost, False))
+
+    def test_messagesSSE(self):
+        body = shapeBody("messages", stream=True)
+        _, raw = self.post("messages", body)
+        events = sseEvents(raw)[1:]
+        names = [name for name, _ in events]
+        self.assertEqual(
+            names,
+            ["message_start", "content_block_start", "ping"]
+            + ["content_block_delta"] * len(WORDS)
+            + ["content_block_stop", "message_delta", "message_stop"],
+        )
+        for name, data in events:
+            self.assertEqual(data["type"], name)
+        self.assertTrue(all(block.startswith(b"event: ") for block in splitEvents(raw)[1:]))
+        prompt, completion, _, _, written, cost = expectedTokens(body)
+        start = events[0][1]["message"]
+        self.assertEqual((start["model"], start["usage"]["input_tokens"]), ("test/model", prompt - written))
+        self.assertNotIn("cost", start["usage"])
+        text = "".join(data["delta"]["text"] for name, data in events if name == "content_block_delta")
+        self.assertEqual(text, FAKE_ANSWER)
+        delta = events[-2][1]
+        self.assertEqual(delta["delta"]["stop_reason"], "end_turn")
+        self.assertEqual((delta["usage"]["output_tokens"], delta["usage"]["cost"]), (completion, cost))
+        self.assertEqual(self.reportedLast(), ReportedUsage(
+            KEYS[0], "test/model", prompt - written, completion, 0, 0, cost, False))
+
+    def test_repeatedBodyReadsTheCache(self):
+        """
+        The same body sent again by the same key to the same path reads
+        half its prompt from the cache, which costs less; another key, path
+        or body writes to the cache instead.
+        """
+        body = shapeBody("chat")
+        first = json.loads(self.post("chat", body)[1], parse_float=Decimal)["usage"]
+        again = json.loads(self.post("chat", body)[1], parse_float=Decimal)["usage"]
+        other = json.loads(self.post("chat", body, key=KEYS[1])[1], parse_float=Decimal)["usage"]
+        prompt, _, _, cached, _, cost = expectedTokens(body, repeat=True)
+        self.assertGreater(cached, 0)
+        self.assertEqual(again["prompt_tokens_details"], {"cached_tokens": cached, "cache_write_tokens": 0, "audio_tokens": 0})
+        self.assertEqual(again["cost"], cost)
+        self.assertLess(again["cost"], first["cost"])
+        self.assertEqual(first["prompt_tokens_details"]["cached_tokens"], 0)
+        self.assertEqual(other["prompt_tokens_details"]["cached_tokens"], 0)
+        self.assertEqual([usage.cachedTokens for usage in self.fake.reported], [0, cached, 0])
+        _, raw = self.post("messages", shapeBody("messages"))
+        _, raw = self.post("messages", shapeBody("messages"))
+        usage = json.loads(raw)["usage"]
+        self.assertEqual(usage["cache_read_input_tokens"], self.fake.reported[-1].cachedTokens)
+        self.assertGreater(usage["cache_read_input_tokens"], 0)
+        self.assertEqual(usage["cache_creation_input_tokens"], 0)
+
+    def test_freeModelCostsNothing(self):
+        """
+        A free variant's answers cost 0, with no upstream cost, and are
+        reported as free.
+        """
+        for shape in PATHS:
+            _, raw = self.post(shape, shapeBody(shape, model=FREE))
+            self.assertIn(b'"cost": 0,', raw)
+            self.assertIn(b'"upstream_inference_cost": null', raw)
+        self.assertEqual(len(self.fake.reported), 4)
+        for usage in self.fake.reported:
+            self.assertEqual((usage.model, usage.cost, usage.free), (FREE, Decimal(0), True))
+            self.assertGreater(usage.completionTokens, 0)
+        self.assertEqual(self.fake.usedToday[KEYS[0]], 4)
+
+    def test_priceOf(self):
+        """
+        The price of a model is fixed by its id.
+        """
+        self.assertEqual(FakeOpenRouter.priceOf("test/model"), FakePrice(200, 50, 800))
+        self.assertEqual(FakeOpenRouter.priceOf(FAKE_MODEL), FakePrice(400, 100, 1600))
+        self.assertEqual(FakeOpenRouter.priceOf(FREE), FakePrice(0, 0, 0))
+
+    def test_reportedSums(self):
+        """
+        C{reported} holds one entry per answer that carried usage, of every
+        shape and key; their costs add up to the costs in the answers.
+        """
+        written = Decimal(0)
+        for index, shape in enumerate(PATHS):
+            for stream in (False, True):
+                key = KEYS[index % 2]
+                _, raw = self.post(shape, shapeBody(shape, stream=stream), key=key)
+                costs = re.findall(rb'"cost": ([0-9.]+)', raw)
+                written += Decimal(costs[-1].decode())
+        self.post("chat", b"not json")
+        self.open("GET", "/api/v1/models")
+        self.assertEqual(len(self.fake.reported), 8)
+        self.assertEqual(sum(usage.cost for usage in self.fake.reported), written)
+        self.assertEqual({usage.key for usage in self.fake.reported}, set(KEYS))
+        for usage in self.fake.reported:
+            self.assertIsInstance(usage.cost, Decimal)
+        response, raw = self.open("GET", "/api/v1/key")
+        spent = json.loads(self.decoded(response, raw.value()))["data"]["usage"]
+        self.assertAlmostEqual(
+            spent, float(sum(u.cost for u in self.fake.reported if u.key == KEYS[0])))
+
+    def test_modelDefaultsToFakeModel(self):
+        self.post("messages", b'{"messages": []}')
+        self.assertEqual(self.fake.reported[-1].model, FAKE_MODEL)
+
+    def test_otherShapesRefuseNonJSON(self):
+        for shape in ("completions", "responses", "messages"):
+            response, _ = self.post(shape, b"[1]")
+            self.assertEqual(response.code, 400)
+        self.assertEqual(self.fake.reported, [])
+
+
+class GzipTests(RawFakeTestCase):
+    """
+    Answers are gzip-compressed when the request's C{Accept-Encoding}
+    allows it; a stream event by event.
+    """
+
+    def test_jsonCompressed(self):
+        response, raw = self.post("chat", acceptEncoding="gzip, deflate")
+        self.assertEqual(response.headers.getRawHeaders("Content-Encoding"), ["gzip"])
+        self.assertEqual(response.headers.getRawHeaders("Vary"), ["Accept-Encoding"])
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["application/json"])
+        answer = json.loads(gunzip(raw))
+        self.assertEqual(answer["choices"][0]["message"]["content"], FAKE_ANSWER)
+
+    def test_whatAllowsGzip(self):
+        """
+        gzip (or x-gzip, or *) with a quality above 0 allows it; q=0, other
+        codings only, or no header at all do not.
+        """
+        allowed = ["gzip", "GZIP;q=0.5", "br, gzip", "x-gzip", "*", "br;q=1, *;q=0.1", "deflate, gzip;q=1.0"]
+        refused = [None, "identity", "br", "deflate", "gzip;q=0", "gzip; q=0.000", "*;q=0",
+                   "br, gzip;q=0, *", ""]
+        for value in allowed:
+            response, raw = self.post("chat", acceptEncoding=value)
+            self.assertEqual(response.headers.getRawHeaders("Content-Encoding"), ["gzip"], value)
+            json.loads(gunzip(raw))
+        for value in refused:
+            response, raw = self.post("chat", acceptEncoding=value)
+            self.assertIsNone(response.headers.getRawHeaders("Content-Encoding"), value)
+            json.loads(raw)
+
+    def test_errorsCompressedToo(self):
+        for path, key in ((CHAT, None), ("/api/v1/nothing", KEYS[0])):
+            response, collector = self.open("GET", path, key=key, acceptEncoding="gzip")
+            self.assertEqual(response.headers.getRawHeaders("Content-Encoding"), ["gzip"])
+            self.assertIn("error", json.loads(gunzip(collector.value())))
+
+    def test_compressOff(self):
+        """
+        C{compress=False} answers in identity whatever the request accepts.
+        """
+        self.useFake(FakeOpenRouter(KEYS, reactor=self.clock, compress=False))
+        for stream in (False, True):
+            response, raw = self.post("chat", shapeBody("chat", stream=stream), acceptEncoding="gzip")
+            self.assertIsNone(response.headers.getRawHeaders("Content-Encoding"))
+            self.assertIn(FAKE_ANSWER.split()[0].encode(), raw)
+
+    def test_identityStreams(self):
+        """
+        Without gzip, each shape's stream is plain text.
+        """
+        for shape in PATHS:
+            response, raw = self.post(shape, shapeBody(shape, stream=True), acceptEncoding="identity")
+            self.assertIsNone(response.headers.getRawHeaders("Content-Encoding"))
+            self.assertTrue(raw.startswith(b": OPENROUTER PROCESSING\n\n"), shape)
+
+    def test_everyShapeStreamsCompressed(self):
+        """
+        A compressed stream decodes to the same events as an identity one.
+        """
+        for shape in PATHS:
+            body = shapeBody(shape, stream=True)
+            _, plain = self.post(shape, body, acceptEncoding="identity")
+            response, raw = self.post(shape, body, key=KEYS[1], acceptEncoding="gzip")
+            self.assertEqual(response.headers.getRawHeaders("Content-Encoding"), ["gzip"])
+            self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["text/event-stream"])
+            decoded = gunzip(raw)
+            self.assertEqual(
+                [name for name, _ in sseEvents(decoded)], [name for name, _ in sseEvents(plain)], shape
+            )
+            self.assertEqual(len(splitEvents(decoded)), len(splitEvents(plain)))
+
+    def test_eventsArriveOneByOne(self):
+        """
+        Each event of a compressed stream is flushed when it is written:
+        what has arrived decodes to every event so far, whole.
+        """
+        self.useFake(FakeOpenRouter(KEYS, reactor=self.clock, eventInterval=1.0))
+        for shape in PATHS:
+            response, collector = self.open(
+                "POST", PATHS[shape], shapeBody(shape, stream=True), acceptEncoding="gzip"
+            )
+            self.assertEqual(response.headers.getRawHeaders("Content-Encoding"), ["gzip"])
+            decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            decoded = b""
+            seen = 0
+            while collector.reason is None:
+                fresh = b"".join(collector.received)
+                del collector.received[:]
+                decoded += decoder.decompress(fresh)
+                if fresh:
+                    seen += 1
+                    self.assertTrue(decoded.endswith(b"\n\n"), (shape, decoded[-40:]))
+                    self.assertEqual(len(splitEvents(decoded)), seen, shape)
+                self.clock.advance(1.0)
+                self.agent.flush()
+            collector.reason.trap(ResponseDone)
+            decoded += decoder.decompress(b"".join(collector.received))
+            self.assertTrue(decoder.eof)
+            self.assertEqual(len(splitEvents(decoded)), seen)
+            self.assertEqual([name for name, _ in sseEvents(decoded)][-1],
+                             {"chat": None, "completions": None, "responses": "response.completed",
+                              "messages": "message_stop"}[shape])
+
+    def test_floodIsNeverCompressed(self):
+        self.fake.floodNext(1000)
+        response, raw = self.post("chat", acceptEncoding="gzip")
+        self.assertIsNone(response.headers.getRawHeaders("Content-Encoding"))
+        self.assertEqual(len(raw), 1000)
+        self.assertEqual(self.fake.flooded, 1000)
+
+
+class GenerationIdTests(RawFakeTestCase):
+    """
+    Every answer, errors too, has an C{X-Generation-Id}.
+    """
+
+    def test_everyAnswer(self):
+        self.fake.answerNext(503, {"error": {"code": 503}})
+        answers = [
+            self.post("chat"),
+            self.post("chat"),
+            self.post("chat", shapeBody("chat", stream=True)),
+            self.post("responses", key="sk-unknown"),
+            self.post("messages", b"nope"),
+        ]
+        answers.append(self.open("GET", "/api/v1/models")[:1])
+        answers.append(self.open("GET", "/api/v1/nowhere")[:1])
+        ids = []
+        for response, *_ in answers:
+            [value] = response.headers.getRawHeaders("X-Generation-Id")
+            self.assertTrue(value.startswith("gen-"), value)
+            ids.append(value)
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertEqual([received.generationId for received in self.fake.received], ids)
+        self.assertEqual([response.code for response, *_ in answers], [503, 200, 200, 401, 400, 200, 404])
+
+    def test_idIsTheCompletionsId(self):
+        response, raw = self.post("chat")
+        [value] = response.headers.getRawHeaders("X-Generation-Id")
+        self.assertEqual(json.loads(raw)["id"], value)
+        response, raw = self.post("chat", shapeBody("chat", stream=True))
+        [value] = response.headers.getRawHeaders("X-Generation-Id")
+        chunks = [data for _, data in sseEvents(raw)[1:-1]]
+        self.assertEqual({chunk["id"] for chunk in chunks}, {value})
+
+    def test_uniqueAcrossFakes(self):
+        first, _ = self.post("chat")
+        self.useFake(FakeOpenRouter(KEYS, reactor=self.clock))
+        second, _ = self.post("chat")
+        self.assertNotEqual(first.headers.getRawHeaders("X-Generation-Id"),
+                            second.headers.getRawHeaders("X-Generation-Id"))
+
+
+class UsageMisbehaviourTests(RawFakeTestCase):
+    """
+    Streams that do not end cleanly report usage only if they sent it.
+    """
+
+    def test_midStreamErrorHasNoUsage(self):
+        self.fake.midStreamErrorNext(afterEvents=3)
+        _, raw = self.post("chat", shapeBody("chat", stream=True))
+        events = sseEvents(raw)
+        self.assertEqual(len(events), 4)
+        self.assertEqual(events[-1][1]["choices"][0]["finish_reason"], "error")
+        self.assertNotIn(b"usage", raw)
+        self.assertNotIn(b"[DONE]", raw)
+        self.assertEqual(self.fake.reported, [])
+
+    def test_midStreamErrorLateHasNoUsage(self):
+        self.fake.midStreamErrorNext(afterEvents=100)
+        _, raw = self.post("chat", shapeBody("chat", stream=True))
+        self.assertNotIn(b"usage", raw)
+        self.assertEqual(self.fake.reported, [])
+
+    def test_droppedBeforeUsageReportsNothing(self):
+        for shape in PATHS:
+            self.fake.dropNext(afterEvents=3)
+            _, collector = self.open("POST", PATHS[shape], shapeBody(shape, stream=True))
+            collector.reason.trap(ResponseFailed)
+            self.assertEqual(len(splitEvents(collector.value())), 3)
+        self.assertEqual(self.fake.reported, [])
+
+    def test_droppedAfterUsageReports(self):
+        """
+        A stream cut after its usage frame (before C{[DONE]}) did report it.
+        """
+        events = 1 + len(WORDS) + 2
+        self.fake.dropNext(afterEvents=events)
+        _, collector = self.open("POST", CHAT, shapeBody("chat", stream=True))
+        collector.reason.trap(ResponseFailed)
+        self.assertNotIn(b"[DONE]", collector.value())
+        self.assertIn(b'"usage"', collector.value())
+        self.assertEqual(len(self.fake.reported), 1)
+
+    def test_clientGoneBeforeUsage(self):
+        self.useFake(FakeOpenRouter(KEYS, reactor=self.clock, eventInterval=1.0))
+        _, collector = self.open("POST", CHAT, shapeBody("chat", stream=True))
+        self.clock.advance(1.0)
+        self.agent.flush()
+        collector.transport.stopProducing()
+        self.agent.flush()
+        self.clock.advance(100)
+        self.agent.flush()
+        self.assertEqual(self.fake.reported, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class NegativeBalanceTests(FakeTestCase):
+    def test_negativeBalance402(self):
+        """
+        C{paymentRequiredNext("negative")} is OpenRouter's 402 for an
+        account whose balance is below zero, which disables the key.
+        """
+        self.fake.paymentRequiredNext("negative")
+        response = self.chat()
+        raw = self.content(response)
+        self.assertEqual(response.code, 402)
+        error = json.loads(raw)["error"]
+        self.assertEqual(error["code"], 402)
+        self.assertIn("negative credit balance", error["message"])
+        self.assertEqual(error["metadata"]["reason"], "negative_balance")
+        self.assertEqual(error["metadata"]["limit_source"], "openrouter_credits")
+        self.assertEqual(classify(response.code, response.headers, raw, 0.0).kind, Kind.DISABLED)
+        self.assertEqual(self.fake.reported, [])
+        self.assertEqual(self.chat().code, 200)
 
 
 class FakeSiteTests(SynchronousTestCase):
