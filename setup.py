@@ -28,6 +28,7 @@ setup(
     extras_require={
         "test": ["hypothesis>=6.100", "openai>=1.30"],
     },
+    entry_points={"console_scripts": ["hermux = hermux.cli:main"]},
     include_package_data=True,
     zip_safe=False,
 )

@@ -101,6 +101,14 @@ class Options(usage.Options):
             "SQLite file where daily usage counts are kept across restarts.",
         ],
         [
+            "retention-days",
+            None,
+            400,
+            "Days of usage counts the state file keeps (today included); older "
+            "days are deleted once a day.",
+            _positive(int),
+        ],
+        [
             "access-log",
             None,
             None,
@@ -217,7 +225,9 @@ class Options(usage.Options):
 
 def _openLedger(options, reactor) -> SQLiteLedger:
     try:
-        return SQLiteLedger(options["state"], reactor=reactor)
+        return SQLiteLedger(
+            options["state"], reactor=reactor, retentionDays=options["retention-days"]
+        )
     except LedgerError as e:
         raise SystemExit(f"hermux: {e}")
 

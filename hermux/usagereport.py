@@ -1,0 +1,181 @@
+# -*- test-case-name: tests.test_usagereport -*-
+"""
+Usage reports: what C{GET /hermux/usage} and the C{hermux usage} command
+ask the ledger for (L{parseUsageQuery}), and how they show its answer (the
+JSON of L{usageReport}, the table of L{formatTable}).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MAX_DAYS",
+    "DEFAULT_GROUP_BY",
+    "UsageQuery",
+    "UsageQueryError",
+    "parseUsageQuery",
+    "usageReport",
+    "formatTable",
+]
+
+import re
+from decimal import Decimal
+from typing import Iterable, Mapping
+
+import attr
+
+from hermux.ledger import COUNTERS, GROUP_COLUMNS, UsageRow, dayNumber, dayText
+
+# The longest report, in days: what the state file keeps by default.
+MAX_DAYS = 400
+DEFAULT_GROUP_BY = ("day", "key")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_NANOCREDITS = Decimal(10**9)
+
+
+@attr.frozen
+class UsageQuery:
+    """
+    Which days (UTC day numbers, both included) and how to group them.
+    """
+
+    fromDay: int
+    toDay: int
+    groupBy: tuple[str, ...]
+
+
+class UsageQueryError(ValueError):
+    """
+    A parameter of a usage query is wrong; C{str()} names it and says why,
+    in one line a user can act on.
+    """
+
+    def __init__(self, parameter: str, message: str):
+        super().__init__(parameter, message)
+        self.parameter = parameter
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.parameter}: {self.message}"
+
+
+def _shown(value: str) -> str:
+    # What the user sent, quoted and kept short.
+    return repr(value if len(value) <= 40 else value[:40] + "...")
+
+
+def _day(parameter: str, value: str | None, today: int) -> int:
+    if value is None:
+        return today
+    if not _DATE.fullmatch(value):
+        raise UsageQueryError(parameter, f"not a date (YYYY-MM-DD, UTC): {_shown(value)}")
+    try:
+        return dayNumber(value)
+    except ValueError:
+        raise UsageQueryError(parameter, f"no such date: {_shown(value)}")
+
+
+def _groupBy(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return DEFAULT_GROUP_BY
+    names = tuple(name.strip() for name in value.split(","))
+    choices = ", ".join(GROUP_COLUMNS)
+    for name in names:
+        if not name:
+            raise UsageQueryError("group_by", f"a comma list of {choices}: got {_shown(value)}")
+        if name not in GROUP_COLUMNS:
+            raise UsageQueryError("group_by", f"{_shown(name)} is not one of {choices}")
+    if len(set(names)) != len(names):
+        raise UsageQueryError("group_by", f"a column named twice: {_shown(value)}")
+    return names
+
+
+def parseUsageQuery(args: Mapping[str, str | None], today: int) -> UsageQuery:
+    """
+    The query that C{args} asks for: C{from} and C{to}, ISO dates (UTC,
+    both included, today by default, at most L{MAX_DAYS} days), and
+    C{group_by}, a comma list of day, key, client and model (day,key by
+    default).  An argument that is absent or L{None} takes its default.
+
+    @param today: the UTC day number of today.
+    @raise UsageQueryError: naming the parameter that is wrong.
+    """
+    fromDay = _day("from", args.get("from"), today)
+    toDay = _day("to", args.get("to"), today)
+    if fromDay > toDay:
+        raise UsageQueryError("from", f"{dayText(fromDay)} is after to ({dayText(toDay)})")
+    if toDay - fromDay + 1 > MAX_DAYS:
+        raise UsageQueryError(
+            "from", f"at most {MAX_DAYS} days, from and to included; asked for {toDay - fromDay + 1}"
+        )
+    return UsageQuery(fromDay, toDay, _groupBy(args.get("group_by")))
+
+
+def _credits(nanocredits: int) -> float:
+    return float(Decimal(nanocredits) / _NANOCREDITS)
+
+
+def _counters(counts) -> dict[str, int | float]:
+    fields = dict(zip(COUNTERS, counts.asRow()))
+    fields["cost"] = _credits(fields["cost"])
+    return fields
+
+
+def usageReport(query: UsageQuery, rows: Iterable[UsageRow]) -> dict:
+    """
+    The JSON object of C{GET /hermux/usage}: the query (C{from}, C{to},
+    C{group_by}), one row per group (its columns, then the counters, in
+    L{COUNTERS}' names), sorted by the grouping columns, and the totals.
+    Cost is in credits, a JSON number.
+    """
+    rows = sorted(rows, key=lambda row: row.group)
+    total = [0] * len(COUNTERS)
+    shown = []
+    for row in rows:
+        total = [a + b for a, b in zip(total, row.counts.asRow())]
+        shown.append({**dict(zip(query.groupBy, row.group)), **_counters(row.counts)})
+    totals = dict(zip(COUNTERS, total))
+    totals["cost"] = _credits(totals["cost"])
+    return {
+        "from": dayText(query.fromDay),
+        "to": dayText(query.toDay),
+        "group_by": list(query.groupBy),
+        "rows": shown,
+        "totals": totals,
+    }
+
+
+def _cell(column: str, value) -> str:
+    if column == "cost":
+        return f"{value:.6f}"
+    return str(value)
+
+
+def formatTable(report: dict) -> str:
+    """
+    A L{usageReport} as an aligned text table for a terminal: a header, one
+    line per row (grouping columns left-aligned, counters right-aligned), a
+    rule and a line of totals.  Cost is in credits, to six decimals.  Ends
+    with a newline.
+    """
+    groupBy = list(report["group_by"])
+    columns = groupBy + list(COUNTERS)
+    lines = [[_cell(c, row[c]) for c in columns] for row in report["rows"]]
+    totals = [""] * len(groupBy) + [_cell(c, report["totals"][c]) for c in COUNTERS]
+    if groupBy:
+        totals[0] = "total"
+    widths = [len(c) for c in columns]
+    for line in [*lines, totals]:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, line)]
+
+    def render(cells) -> str:
+        return "  ".join(
+            cell.ljust(w) if i < len(groupBy) else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    out = [render(columns), rule, *(render(line) for line in lines)]
+    if lines:
+        out.append(rule)
+    out.append(render(totals))
+    return "\n".join(out) + "\n"
