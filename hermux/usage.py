@@ -385,7 +385,9 @@ class _EventScanner:
         text = self._tail + data if self._tail else data
         end = lastBoundary(text)
         if end >= 0:
-            if (self._judge is not None and text.find(_ERROR, 0, end) >= 0) or _hasUsage(text, 0, end):
+            if (self._judge is not None and text.find(_ERROR, 0, end) >= 0) or (
+                text.find(_USAGE, 0, end) >= 0 and _hasUsage(text, 0, end)
+            ):
                 self._events(text[:end])
             rest = text[end:]
         else:
@@ -468,28 +470,39 @@ class _Decoder:
         return len(self._start)
 
     def feed(self, data: bytes) -> None:
-        if self._ended:
-            return
-        if self._zlib is None:
-            data = self._start + data
-            if len(data) < 2:
-                self._start = data
-                return
-            self._start = b""
-            if self._gzip:
-                if data[:2] != _GZIP_MAGIC:
+        while data and not self._ended:
+            if self._zlib is None:
+                data = self._start + data
+                if len(data) < 2:
+                    self._start = data
+                    return
+                self._start = b""
+                self._zlib = self._begin(data[:2])
+                if self._zlib is None:
                     self._ended = True  # not a gzip member: the end, or nothing readable
                     return
-                self._zlib = zlib.decompressobj(_GZIP)
-            else:
-                try:
-                    zlib.decompressobj(zlib.MAX_WBITS).decompress(data[:2])
-                except zlib.error:
-                    self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
-                else:
-                    self._zlib = zlib.decompressobj(zlib.MAX_WBITS)
+            data = self._inflate(data)
+
+    def _begin(self, start: bytes):
+        """
+        The decompressor for a body (or gzip member) that starts with the
+        two bytes C{start}, or L{None} if it is not one.
+        """
+        if self._gzip:
+            return zlib.decompressobj(_GZIP) if start == _GZIP_MAGIC else None
+        try:
+            zlib.decompressobj(zlib.MAX_WBITS).decompress(start)
+        except zlib.error:
+            return zlib.decompressobj(-zlib.MAX_WBITS)
+        return zlib.decompressobj(zlib.MAX_WBITS)
+
+    def _inflate(self, data: bytes) -> bytes:
+        """
+        Decode C{data}, at most C{_STEP} bytes of output at a time; return
+        what follows the end of the body (or member), if it ended.
+        """
+        decoder = self._zlib
         while True:
-            decoder = self._zlib
             out = decoder.decompress(data, _STEP)
             if out:
                 self._sink(out)
@@ -497,12 +510,10 @@ class _Decoder:
                 self._zlib = None
                 if not self._gzip:
                     self._ended = True
-                elif decoder.unused_data:
-                    self.feed(decoder.unused_data)
-                return
+                return decoder.unused_data
             data = decoder.unconsumed_tail
             if not data and len(out) < _STEP:
-                return
+                return b""
 
 
 class AnswerWatch:

@@ -737,6 +737,10 @@ class CompressedTests(SynchronousTestCase):
         self.assertEqual(read(body, contentType=b"application/json", encoding=b"gzip"), CHAT)
         self.assertEqual(read(*byteByByte(body), contentType=b"application/json", encoding=b"gzip"), CHAT)
 
+    def test_manyEmptyMembers(self):
+        body = gzip.compress(b"") * 20000 + gzip.compress(CHAT_JSON)
+        self.assertEqual(read(body, contentType=b"application/json", encoding=b"gzip"), CHAT)
+
     def test_garbageAfterTheEnd(self):
         for tail in (b"\x00", b"garbage" * 100, b"\n"):
             body = gzip.compress(CHAT_JSON) + tail
