@@ -122,6 +122,9 @@ class UnwritableStateTests(TestCase):
         await waitUntil(lambda: ledger.problem is None)
         response = await proxy.request("GET", "/hermux/health", token=None)
         self.assertEqual(json.loads(await response.content())["status"], "ok")
-        stored = sqlite3.connect(ledger.path).execute("SELECT sum(requests) FROM key_usage").fetchone()[0]
-        self.assertEqual(stored, 5)
+        check = sqlite3.connect(ledger.path)
+        self.addCleanup(check.close)
+        for table in ("key_usage", "client_usage", "model_usage", "usage"):
+            stored = check.execute(f"SELECT sum(requests) FROM {table}").fetchone()[0]
+            self.assertEqual(stored, 5, table)
         self.assertEqual(sum(u.requests for u in ledger.keyUsage(dayOf(reactor.seconds())).values()), 5)
