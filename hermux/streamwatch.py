@@ -16,6 +16,9 @@ to the client, and tells what the first error event means for the key (see
 L{verdictOf}).  It only watches: it never changes, delays or holds the
 stream, keeps at most L{EVENT_LIMIT} bytes of the current event (a longer
 event is skipped), and parses JSON only for events that contain C{"error"}.
+The relay now watches answers through L{hermux.usage.AnswerWatch}, which
+judges error events the same way (L{verdictOf}, the same boundaries) in the
+pass that also reads the answer's usage.
 """
 
 from __future__ import annotations
