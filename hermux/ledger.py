@@ -218,7 +218,7 @@ class Counts:
         """
         The counts of a row of counters in L{COUNTERS}' order.
         """
-        return cls(*(int(n) for n in row))
+        return cls(*row)
 
 
 # The name today's callers know.
@@ -562,17 +562,21 @@ def _table(groupBy: tuple[str, ...]) -> str:
 
 def _readGroups(connection, fromDay: int, toDay: int, groupBy: tuple[str, ...]) -> dict:
     table = _table(groupBy)
-    sums = ", ".join(f"sum({c})" for c in COUNTERS)
     columns = ", ".join(groupBy)
-    sql = f"SELECT {columns + ', ' if groupBy else ''}{sums} FROM {table} WHERE day BETWEEN ? AND ?"
-    if groupBy:
-        sql += f" GROUP BY {columns}"
+    if set(groupBy) == set(_TABLES[table]):
+        # One row per group already: nothing to sum.
+        sql = f"SELECT {columns}, {', '.join(COUNTERS)} FROM {table} WHERE day BETWEEN ? AND ?"
+    else:
+        sums = ", ".join(f"sum({c})" for c in COUNTERS)
+        sql = f"SELECT {columns + ', ' if groupBy else ''}{sums} FROM {table} WHERE day BETWEEN ? AND ?"
+        if groupBy:
+            sql += f" GROUP BY {columns}"
     width = len(groupBy)
     groups = {}
     for row in connection.execute(sql, (dayText(fromDay), dayText(toDay))):
         if row[width] is None:
             continue  # no group: the sums of no rows
-        groups[tuple(row[:width])] = Counts.fromRow(row[width:])
+        groups[row[:width]] = Counts(*row[width:])
     return groups
 
 
@@ -747,7 +751,8 @@ class SQLiteLedger(Service):
         for serial, rows in copies:
             if serial > committed:
                 unwritten.rows = rows
-                groups = _merge(groups, unwritten.grouped(fromDay, toDay, groupBy))
+                for group, counts in unwritten.grouped(fromDay, toDay, groupBy).items():
+                    groups[group] = groups.get(group, _ZERO) + counts
         return _rows(groups)
 
     def startService(self):

@@ -18,7 +18,6 @@ __all__ = [
 ]
 
 import re
-from decimal import Decimal
 from typing import Iterable, Mapping
 
 import attr
@@ -29,7 +28,7 @@ from hermux.ledger import COUNTERS, GROUP_COLUMNS, UsageRow, dayNumber, dayText
 MAX_DAYS = 400
 DEFAULT_GROUP_BY = ("day", "key")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_NANOCREDITS = Decimal(10**9)
+_NANOCREDITS = 10**9
 
 
 @attr.frozen
@@ -111,13 +110,9 @@ def parseUsageQuery(args: Mapping[str, str | None], today: int) -> UsageQuery:
 
 
 def _credits(nanocredits: int) -> float:
-    return float(Decimal(nanocredits) / _NANOCREDITS)
-
-
-def _counters(counts) -> dict[str, int | float]:
-    fields = dict(zip(COUNTERS, counts.asRow()))
-    fields["cost"] = _credits(fields["cost"])
-    return fields
+    # int / int is correctly rounded in Python: the float nearest to the
+    # exact number of credits, as float(Decimal(nanocredits) / 10**9).
+    return nanocredits / _NANOCREDITS
 
 
 def usageReport(query: UsageQuery, rows: Iterable[UsageRow]) -> dict:
@@ -128,12 +123,17 @@ def usageReport(query: UsageQuery, rows: Iterable[UsageRow]) -> dict:
     Cost is in credits, a JSON number.
     """
     rows = sorted(rows, key=lambda row: row.group)
-    total = [0] * len(COUNTERS)
+    groupBy = query.groupBy
+    columns = (*groupBy, *COUNTERS)
+    counters = [row.counts.asRow() for row in rows]
     shown = []
-    for row in rows:
-        total = [a + b for a, b in zip(total, row.counts.asRow())]
-        shown.append({**dict(zip(query.groupBy, row.group)), **_counters(row.counts)})
-    totals = dict(zip(COUNTERS, total))
+    for row, values in zip(rows, counters):
+        fields = dict(zip(columns, (*row.group, *values)))
+        fields["cost"] = fields["cost"] / _NANOCREDITS
+        shown.append(fields)
+    totals = dict(zip(COUNTERS, (sum(column) for column in zip(*counters))))
+    if not counters:
+        totals = dict.fromkeys(COUNTERS, 0)
     totals["cost"] = _credits(totals["cost"])
     return {
         "from": dayText(query.fromDay),
