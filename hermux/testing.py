@@ -761,10 +761,12 @@ class FakeOpenRouter(Resource):
         Send C{events} (bytes, each with whether it is the usage frame of
         C{answer}), C{eventInterval} apart.
         """
+        report = None
         if answer is not None:
-            report = lambda: self._report(received.key, answer, shape)  # noqa: E731
-        else:
-            report = None
+
+            def report():
+                self._report(received.key, answer, shape)
+
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         body = _Body(request, self._compresses(request))
