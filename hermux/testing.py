@@ -761,16 +761,16 @@ class FakeOpenRouter(Resource):
         Send C{events} (bytes, each with whether it is the usage frame of
         C{answer}), C{eventInterval} apart.
         """
-        report = None
-        if answer is not None:
-
-            def report():
-                self._report(received.key, answer, shape)
+        def report():
+            self._report(received.key, answer, shape)
 
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         body = _Body(request, self._compresses(request))
-        _EventSender(self._reactor, self.eventInterval, request, body, events, dropAfter, report).start()
+        _EventSender(
+            self._reactor, self.eventInterval, request, body, events, dropAfter,
+            None if answer is None else report,
+        ).start()
         return NOT_DONE_YET
 
     def _scriptedStream(self, request, received, dropAfter=None, errorAfter=None):
