@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
-from hermux.keypool import KeyPool, State
+from hermux.keypool import NANOCREDITS, KeyPool, State
 from hermux.record import RequestRecord
 
 # Time to first byte from OpenRouter ranges from milliseconds (an error) to
@@ -92,6 +92,31 @@ class Metrics:
         self.relayedBytes = Counter(
             "hermux_relayed_bytes", "Response body bytes sent to clients.", registry=self.registry
         )
+        self.tokens = Counter(
+            "hermux_tokens",
+            "Tokens the upstream's answers said they used, by key and kind "
+            "(prompt, completion, reasoning, cached).",
+            ["key", "kind"],
+            registry=self.registry,
+        )
+        self.cost = Counter(
+            "hermux_cost",
+            "Credits the upstream's answers said they cost, by key.",
+            ["key"],
+            registry=self.registry,
+        )
+        self.clientRequests = Counter(
+            "hermux_client_requests",
+            "Client requests answered, by client (its label in allow.txt).",
+            ["client"],
+            registry=self.registry,
+        )
+        self.clientCost = Counter(
+            "hermux_client_cost",
+            "Credits the upstream's answers said they cost, by client.",
+            ["client"],
+            registry=self.registry,
+        )
         self.reloads = Counter(
             "hermux_config_reloads",
             "Configuration reloads, by result (ok or rejected).",
@@ -111,8 +136,27 @@ class Metrics:
         Count a request that is over, from its record, the status it was
         answered with (see L{statusClass}) and the body bytes it was sent.
         """
-        self.requests.labels(record.keyName or "none", statusClass(status)).inc()
+        key = record.keyName or "none"
+        self.requests.labels(key, statusClass(status)).inc()
         self.relayedBytes.inc(bodyBytes)
+        if record.client is not None:
+            self.clientRequests.labels(record.client.label).inc()
+        usage = record.usage
+        if usage is None:
+            return
+        for kind, count in (
+            ("prompt", usage.promptTokens),
+            ("completion", usage.completionTokens),
+            ("reasoning", usage.reasoningTokens),
+            ("cached", usage.cachedTokens),
+        ):
+            if count:
+                self.tokens.labels(key, kind).inc(count)
+        if usage.cost:
+            credits = usage.cost / NANOCREDITS
+            self.cost.labels(key).inc(credits)
+            if record.client is not None:
+                self.clientCost.labels(record.client.label).inc(credits)
 
     def reloaded(self, succeeded: bool) -> None:
         self.reloads.labels("ok" if succeeded else "rejected").inc()

@@ -7,14 +7,16 @@ The site's request makes it (L{hermux.site.HermuxRequest}); the gate, the
 resources and the relay fill it in through L{recordOf}, which also gives
 any other twisted.web request a record of its own; when the request is
 over, its metrics and its line in the request log are read from it.  To
-log something more (accounting's model, token usage and cost), add a field
-here, give it to the line in L{RequestRecord.logFields}, and name it in
+log something more, add a field here, give it to the line in
+L{RequestRecord.logFields}, and name it in
 L{hermux.requestlog.REQUEST_LINE}.
 """
 
 from __future__ import annotations
 
-__all__ = ["RequestRecord", "recordOf", "statusOf"]
+__all__ = ["RequestRecord", "recordOf", "statusOf", "printable"]
+
+import re
 
 import attr
 
@@ -27,6 +29,54 @@ def _addressText(address) -> str:
     if getattr(address, "host", None) is not None and not address.port:
         return address.host
     return peerText(address)
+
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def printable(text: str, limit: int = 128) -> str:
+    """
+    C{text} (a model id a client sent, say) fit for one log line: at most
+    C{limit} characters, anything but printable ASCII shown as C{?}.
+    """
+    return _UNPRINTABLE.sub("?", text[:limit])
+
+
+def _usageNote(model: str | None, usage) -> str:
+    if model is None or model == "-":
+        return ""
+    if usage is None:
+        return f"; model {printable(model)}, no usage reported"
+    return (
+        f"; model {printable(model)}, {usage.promptTokens}+{usage.completionTokens} tokens"
+        f" ({usage.reasoningTokens} reasoning, {usage.cachedTokens} cached),"
+        f" cost {usage.cost / 10**9:.9f}".rstrip("0").rstrip(".")
+    )
+
+
+_NO_USAGE = {
+    "promptTokens": None,
+    "completionTokens": None,
+    "reasoningTokens": None,
+    "cachedTokens": None,
+    "cost": None,
+}
+
+
+def _usageFields(usage) -> dict:
+    """
+    The usage an answer reported, as plain fields of the log event (cost
+    in credits); all L{None} when it reported none.
+    """
+    if usage is None:
+        return _NO_USAGE
+    return {
+        "promptTokens": usage.promptTokens,
+        "completionTokens": usage.completionTokens,
+        "reasoningTokens": usage.reasoningTokens,
+        "cachedTokens": usage.cachedTokens,
+        "cost": usage.cost / 10**9,
+    }
 
 
 def statusOf(request):
@@ -57,6 +107,10 @@ class RequestRecord:
         L{hermux.access.TrustedProxies}); the throttle counts by it and the
         log line shows it.  L{None} until the site has found it: the peer's
         is used then.
+    @ivar model: the model the request was accounted under (the answer's,
+        else the request's), once it was sent upstream.
+    @ivar usage: what the answer said it used (a L{hermux.usage.Usage}),
+        if it said.
     """
 
     requestId: str = "-"
@@ -66,6 +120,8 @@ class RequestRecord:
     started: float = 0.0
     tokenLookup: Lookup | None = attr.field(default=None, repr=False)
     clientAddress: object = None
+    model: str | None = None
+    usage: object = None
 
     def logFields(self, request, now: float) -> dict:
         """
@@ -88,6 +144,9 @@ class RequestRecord:
             "peer": _addressText(address),
             "outcome": outcome or "complete",
             "outcomeNote": f" ({outcome})" if outcome else "",
+            "model": printable(self.model) if self.model is not None else "-",
+            "usageNote": _usageNote(self.model, self.usage),
+            **_usageFields(self.usage),
         }
 
 

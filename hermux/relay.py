@@ -43,12 +43,12 @@ from zope.interface import implementer
 from hermux.config import Key
 from hermux.errors import writeError
 from hermux.hygiene import copyResponseHeaders, upstreamHeaders
-from hermux.keypool import ERROR, KeyPool, Kind, NoKeyAvailable, Verdict
+from hermux.keypool import ERROR, Attempt, KeyPool, Kind, NoKeyAvailable, Use, Verdict
 from hermux.metrics import Metrics
 from hermux.quota import KEY_STATUSES, classify
 from hermux.record import recordOf
-from hermux.streamwatch import watchStream
 from hermux.upstream import Upstream
+from hermux.usage import decodedBody, requestedModel, upstreamAcceptEncoding, watchAnswer
 
 
 @implementer(IBodyProducer)
@@ -90,6 +90,21 @@ def _requestBody(request) -> IBodyProducer | None:
     if not data and not request.requestHeaders.hasHeader(b"content-length"):
         return None
     return BufferedBody(data)
+
+
+def _useOf(request, client) -> Use:
+    """
+    What C{request} is for the pool: its client, and the model its body
+    names (the only thing hermux reads of a request body).
+    """
+    request.content.seek(0)
+    contentType = request.requestHeaders.getRawHeaders(b"content-type")
+    asked = requestedModel(request.content.read(), contentType[0] if contentType else None)
+    return Use(
+        client=client.label if client is not None else "-",
+        model=asked.model if asked.model is not None else "-",
+        free=asked.free,
+    )
 
 
 def _nothing():
@@ -157,7 +172,8 @@ class _BodyRelay(_BodyReader):
     def __init__(self, request, kick: Callable[[], None], watch=None):
         super().__init__(kick)
         self._request = request
-        self._watch = watch  # a hermux.streamwatch.StreamWatch, or None
+        self._watch = watch  # a hermux.usage.AnswerWatch, or None
+        self.usage = None  # what the answer said it used, once it ended cleanly
 
     def connectionMade(self):
         self._request.registerProducer(self.transport, True)
@@ -170,7 +186,7 @@ class _BodyRelay(_BodyReader):
 
     def connectionLost(self, reason):
         if self._watch is not None and reason.check(ResponseDone, PotentialDataLoss):
-            self._watch.finish()
+            self.usage = self._watch.finish()
         super().connectionLost(reason)
 
 
@@ -336,6 +352,8 @@ class _Exchange:
         self._clientGone = False
         self._watchdog: _Watchdog | None = None
         self._breaker = _Breaker()
+        self._use = _useOf(request, self._record.client)
+        self._attempt: Attempt | None = None
 
     def clientWentAway(self, reason, running: Deferred) -> None:
         # The request's own end says so in its record (see
@@ -351,6 +369,16 @@ class _Exchange:
         finally:
             if self._watchdog is not None:
                 self._watchdog.stop()
+            self._closeAttempt()
+
+    def _closeAttempt(self) -> None:
+        """
+        The attempt with the current key is over: its counts go to the
+        ledger.
+        """
+        if self._attempt is not None:
+            self._attempt.close()
+            self._attempt = None
 
     async def _tryNextKey(self, tried: set[str]) -> bool:
         """
@@ -358,13 +386,16 @@ class _Exchange:
         client, unless the answer says another key should try: then return
         C{True}.
         """
+        self._closeAttempt()
         try:
-            key = self._relay.pool.acquire(exclude=tried)
+            attempt = self._attempt = self._relay.pool.acquire(exclude=tried, use=self._use)
         except NoKeyAvailable as e:
             self._noKeyAvailable(e.usableAt)
             return False
+        key = attempt.key
         tried.add(key.name)
         self._record.keyName = key.name
+        self._record.model = attempt.model
         if self._watchdog is not None:
             self._watchdog.stop()
         self._watchdog = _Watchdog(self._relay.reactor, self._relay.idleTimeout)
@@ -373,10 +404,13 @@ class _Exchange:
             return False
         if response.code in KEY_STATUSES:
             return await self._settleKeyAnswer(response, key)
-        self._relay.pool.report(key, classify(response.code, response.headers, b"", self._now()))
+        attempt.report(self._classify(response, b""))
         self._sendHead(response, key, response.length)
-        await self._relayBody(response, key)
+        await self._relayBody(response, attempt)
         return False
+
+    def _classify(self, response, body: bytes) -> Verdict:
+        return classify(response.code, response.headers, body, self._now(), self._use.free)
 
     async def _settleKeyAnswer(self, response, key: Key) -> bool:
         """
@@ -387,8 +421,11 @@ class _Exchange:
         body = await self._readErrorBody(response, key)
         if body is None:
             return False
-        verdict = classify(response.code, response.headers, body, self._now())
-        self._relay.pool.report(key, verdict)
+        # The judgement reads the answer as decoded; the client gets it as
+        # the upstream sent it.
+        decoded = decodedBody(response.headers, body, self._relay.errorBodyLimit)
+        verdict = self._classify(response, b"" if decoded is None else decoded)
+        self._attempt.report(verdict)
         if verdict.penalizes or verdict.kind is Kind.OVER_BUDGET:
             stopped = self._breaker.stops(response.code, verdict)
             if stopped is None:
@@ -456,6 +493,10 @@ class _Exchange:
         """
         request = self._request
         headers = upstreamHeaders(request.requestHeaders, key.token.encode("ascii"))
+        headers.setRawHeaders(
+            b"accept-encoding",
+            [upstreamAcceptEncoding(request.requestHeaders.getRawHeaders(b"accept-encoding"))],
+        )
         body = _requestBody(request)
         try:
             pending = self._relay.upstream.request(request.method, self._target, headers, body)
@@ -474,7 +515,7 @@ class _Exchange:
                 code, message = 504, "the upstream did not answer in time"
             else:
                 code, message = _describeFailure(Failure())
-            self._relay.pool.report(key, ERROR)
+            self._attempt.report(ERROR)
             self._answerError(key, code, message)
             return None
         self._relay.metrics.ttfb.observe(self._now() - sent)
@@ -498,7 +539,7 @@ class _Exchange:
         except Exception:
             if self._clientGone:
                 raise
-            self._relay.pool.report(key, ERROR)
+            self._attempt.report(ERROR)
             self._answerError(key, 502, "the upstream's error answer could not be read")
             return None
 
@@ -523,9 +564,9 @@ class _Exchange:
         # Send the head now: a streaming client sees it before the first event.
         request.write(b"")
 
-    async def _relayBody(self, response, key: Key) -> None:
+    async def _relayBody(self, response, attempt: Attempt) -> None:
         request = self._request
-        watch = watchStream(response.headers, lambda v: self._relay.pool.report(key, v), self._now)
+        watch = watchAnswer(response.headers, report=attempt.report, now=self._now)
         body = _BodyRelay(request, self._watchdog.kick, watch)
         self._watchdog.onIdle = body.abort
         response.deliverBody(body)
@@ -545,6 +586,10 @@ class _Exchange:
             request.unregisterProducer()
             request.loseConnection()
             return
+        if body.usage is not None:
+            attempt.charge(body.usage)
+            self._record.usage = body.usage
+            self._record.model = attempt.model
         request.unregisterProducer()
         request.finish()
 

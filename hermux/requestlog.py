@@ -24,7 +24,7 @@ from hermux.batchwriter import BatchWriter, IBatch, IBatchTarget, writerSetting
 # this format as twisted.logger does.
 REQUEST_LINE = (
     "{requestId} {method} {path} -> {status} via {key} for {client}: "
-    "{bytes} bytes in {duration:.3f}s from {peer}{outcomeNote}"
+    "{bytes} bytes in {duration:.3f}s from {peer}{usageNote}{outcomeNote}"
 )
 
 # twistd's own timestamps, so that both logs read alike.

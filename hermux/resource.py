@@ -31,11 +31,12 @@ from twisted.web.resource import Resource
 from hermux.access import AccessList, AuthThrottle, Client
 from hermux.errors import ErrorResource, renderError
 from hermux.hygiene import BadTarget, upstreamTarget
-from hermux.keypool import KeyPool, KeyStatus, isoTime
+from hermux.keypool import NANOCREDITS, KeyPool, KeyStatus, dayOf, isoTime
 from hermux.ledger import ILedger
 from hermux.metrics import Metrics
-from hermux.record import recordOf
+from hermux.record import printable, recordOf
 from hermux.relay import Relay
+from hermux.usagereport import UsageQueryError, parseUsageQuery, usageReport
 
 _NOT_FOUND = ErrorResource(
     404,
@@ -197,7 +198,6 @@ class Forward(_TokenRequired):
             target = upstreamTarget(self.prefix, request.uri)
         except BadTarget as e:
             return renderError(request, 400, str(e))
-        self._pool.countClient(client.label)
         self._relay.forward(request, target)
         return server.NOT_DONE_YET
 
@@ -247,7 +247,71 @@ def _describe(status: KeyStatus) -> dict:
         "errors_today": status.errorsToday,
         "usable_again_at": None if status.usableAt is None else isoTime(status.usableAt),
         "reason": status.reason,
+        "free_requests_today": status.freeRequestsToday,
+        "cost_today": status.costToday / NANOCREDITS,
+        "daily_cost": None if status.dailyCost is None else status.dailyCost / NANOCREDITS,
+        "free_requests_reason": status.freeReason,
+        "paid_requests_reason": status.paidReason,
     }
+
+
+_USAGE_PARAMETERS = ("from", "to", "group_by")
+
+
+class UsagePage(_TokenRequired):
+    """
+    C{/hermux/usage}: the ledger's counts over a range of UTC days, grouped
+    as the query asks (see L{hermux.usagereport}), read off the reactor
+    thread.
+    """
+
+    _log = Logger()
+
+    def __init__(self, ledger: ILedger, gate: Gate, reactor):
+        super().__init__(gate)
+        self._ledger = ledger
+        self._reactor = reactor
+
+    def renderFor(self, request, client):
+        refused = _readOnly(request)
+        if refused is not None:
+            return refused
+        try:
+            arguments = _queryArguments(request)
+            query = parseUsageQuery(arguments, dayOf(self._reactor.seconds()))
+        except UsageQueryError as e:
+            return renderError(request, 400, str(e))
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
+        d = self._ledger.usage(query.fromDay, query.toDay, query.groupBy)
+        d.addCallback(lambda rows: _json(request, usageReport(query, rows)))
+        d.addErrback(self._failed, request)
+        d.addCallback(self._answer, request, finished)
+        return server.NOT_DONE_YET
+
+    def _failed(self, failure, request) -> bytes:
+        self._log.failure("reading the usage ledger failed", failure)
+        return renderError(request, 500, "the usage ledger could not be read")
+
+    def _answer(self, body: bytes, request, finished: list) -> None:
+        if finished:
+            return  # the client went away meanwhile
+        request.write(body)
+        request.finish()
+
+
+def _queryArguments(request) -> dict[str, str | None]:
+    """
+    The usage query's parameters, each the last value given, as text;
+    another parameter is an error of its own.
+    """
+    arguments: dict[str, str | None] = {}
+    for name, values in request.args.items():
+        text = name.decode("utf-8", "replace")
+        if text not in _USAGE_PARAMETERS:
+            raise UsageQueryError(printable(text, 32), "is not a parameter of /hermux/usage")
+        arguments[text] = values[-1].decode("utf-8", "replace")
+    return arguments
 
 
 class MetricsPage(_TokenRequired):
@@ -300,10 +364,13 @@ def buildRoot(
     ledger: ILedger | None = None,
     metrics: Metrics | None = None,
     throttle: AuthThrottle | None = None,
+    reactor=None,
 ) -> Resource:
     """
     The resource tree of a hermux server.
     """
+    if reactor is None:
+        from twisted.internet import reactor
     gate = Gate(access, throttle)
     root = _Directory()
     root.putChild(b"api", Forward(b"", pool, gate, relay))
@@ -311,6 +378,8 @@ def buildRoot(
     own = _Directory()
     own.putChild(b"health", Health(pool, ledger))
     own.putChild(b"keys", Keys(pool, gate))
+    if ledger is not None:
+        own.putChild(b"usage", UsagePage(ledger, gate, reactor))
     if metrics is not None:
         own.putChild(b"metrics", MetricsPage(metrics, gate))
     root.putChild(b"hermux", own)

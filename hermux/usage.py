@@ -25,6 +25,7 @@ __all__ = [
     "AnswerWatch",
     "RequestedModel",
     "Usage",
+    "decodedBody",
     "nanocredits",
     "requestedModel",
     "upstreamAcceptEncoding",
@@ -649,6 +650,44 @@ def _coding(headers: Headers) -> bytes | None:
     if len(codings) > 1:
         return None
     return {b"gzip": b"gzip", b"x-gzip": b"gzip", b"deflate": b"deflate"}.get(codings[0])
+
+
+class _Full(Exception):
+    """
+    A decoded body reached its limit.
+    """
+
+
+def decodedBody(headers: Headers, body: bytes, limit: int) -> bytes | None:
+    """
+    A short answer's whole C{body} (an error answer hermux reads to judge
+    it), decoded from its content coding as C{headers} give it: at most its
+    first C{limit} bytes; L{None} if it is in a coding hermux cannot decode,
+    or corrupt.  Decoding stops at the limit, so that a small body that
+    expands enormously costs nothing more.
+    """
+    coding = _coding(headers)
+    if coding == b"":
+        return body
+    if coding is None:
+        return None
+    parts: list[bytes] = []
+    size = 0
+
+    def keep(out: bytes) -> None:
+        nonlocal size
+        parts.append(out)
+        size += len(out)
+        if size >= limit:
+            raise _Full()
+
+    try:
+        _Decoder(coding, keep).feed(body)
+    except _Full:
+        pass
+    except zlib.error:
+        return None
+    return b"".join(parts)[:limit]
 
 
 def watchAnswer(

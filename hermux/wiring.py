@@ -88,7 +88,7 @@ def assemble(
     relay = Relay(
         upstream, pool, idleTimeout=options["idle-timeout"], metrics=metrics, reactor=reactor
     )
-    root = buildRoot(pool, access, relay, ledger, metrics, throttle)
+    root = buildRoot(pool, access, relay, ledger, metrics, throttle, reactor=reactor)
     site = HermuxSite(
         root,
         maxBody=options["max-body"],

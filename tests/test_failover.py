@@ -19,6 +19,8 @@ from hermux.probe import KeyProbe
 from tests.harness import ACCESS_TOKEN, CHAT, KEYS, chatBody
 from tests.memory import NOW, MemoryProxy
 
+FREE_MODEL = "test/model:free"
+
 ALPHA, BETA, GAMMA = KEYS
 HOUR = 3600.0
 
@@ -72,19 +74,26 @@ class FailoverTests(SynchronousTestCase):
 
     def test_perDayCapMovesOn(self):
         """
-        Keys that answer "free-models-per-day" are exhausted until the reset
-        time the answer gives, and skipped; each is tried at most once.
+        Keys that answer "free-models-per-day" to a free-model request are
+        kept from free-model requests until the reset time the answer gives,
+        and skipped for them; each is tried at most once.  They still serve
+        paid requests.
         """
         proxy = MemoryProxy(self)
         body, headers = rateLimit("day", resetIn=3 * HOUR)
         for key in (ALPHA, BETA):
             proxy.fake.answerNext(429, body, headers, key=key.token, times=None)
         for _ in range(4):
-            self.assertServedBy(proxy, GAMMA.name)
+            response, raw = proxy.chatted(model=FREE_MODEL)
+            self.assertEqual(response.headers.getRawHeaders("X-Token-Name"), [GAMMA.name], raw)
         self.assertEqual(attemptsBy(proxy), {"alpha": 1, "beta": 1, "gamma": 4})
         states = {s.name: s for s in proxy.pool.statuses()}
-        self.assertEqual(states["alpha"].state, State.EXHAUSTED)
-        self.assertEqual(states["alpha"].usableAt, NOW + 3 * HOUR)
+        self.assertEqual(states["alpha"].state, State.READY)
+        self.assertIn("free-model requests are used up", states["alpha"].freeReason)
+        proxy.advance(3 * HOUR - 1)
+        self.assertIsNotNone(proxy.pool.statuses()[0].freeReason)
+        proxy.advance(1)
+        self.assertIsNone(proxy.pool.statuses()[0].freeReason)
 
     def test_perMinuteCapCools(self):
         """
@@ -112,7 +121,8 @@ class FailoverTests(SynchronousTestCase):
     def test_invalidKeysAreDisabled(self):
         """
         401 and 403 disable a key until the configuration is reloaded; 402
-        for the rest of the UTC day.
+        on a paid request keeps it from paid requests for the rest of the
+        UTC day.
         """
         proxy = MemoryProxy(self)
         proxy.fake.answerNext(401, {"error": {"code": 401, "message": "User not found."}}, key=ALPHA.token, times=None)
@@ -122,8 +132,9 @@ class FailoverTests(SynchronousTestCase):
         states = {s.name: s for s in proxy.pool.statuses()}
         self.assertEqual(states["alpha"].state, State.DISABLED)
         self.assertIsNone(states["alpha"].usableAt)
-        self.assertEqual(states["beta"].state, State.DISABLED)
-        self.assertEqual(states["beta"].usableAt, nextMidnight(NOW))
+        self.assertEqual(states["beta"].state, State.READY)
+        self.assertIn("out of credits", states["beta"].paidReason)
+        self.assertIsNone(states["beta"].freeReason)
 
     def test_forbiddenKeyMovesOn(self):
         """
@@ -227,14 +238,14 @@ class NoRetryTests(SynchronousTestCase):
 class ExhaustionTests(SynchronousTestCase):
     def test_everyKeyExhausted(self):
         """
-        When no key is left, hermux answers 429 itself, with Retry-After
-        until the first key is usable (here the next midnight UTC), and asks
-        the upstream nothing more.
+        When no key is left for a free-model request, hermux answers 429
+        itself, with Retry-After until the first key is usable for one (here
+        the next midnight UTC), and asks the upstream nothing more.
         """
         proxy = MemoryProxy(self)
         body, headers = rateLimit("day")
         proxy.fake.answerNext(429, body, headers, times=None)
-        response, raw = proxy.chatted()
+        response, raw = proxy.chatted(model=FREE_MODEL)
         answer = json.loads(raw)
         self.assertEqual(response.code, 429)
         self.assertEqual(answer["error"]["code"], 429)
@@ -244,7 +255,7 @@ class ExhaustionTests(SynchronousTestCase):
             response.headers.getRawHeaders("Retry-After"), [str(math.ceil(untilMidnight))]
         )
         self.assertEqual(attemptsBy(proxy), {"alpha": 1, "beta": 1, "gamma": 1})
-        response, _ = proxy.chatted()
+        response, _ = proxy.chatted(model=FREE_MODEL)
         self.assertEqual(response.code, 429)
         self.assertEqual(len(proxy.fake.received), 3)
 
@@ -255,7 +266,7 @@ class ExhaustionTests(SynchronousTestCase):
         proxy.fake.answerNext(429, day, key=ALPHA.token, times=None)
         proxy.fake.answerNext(429, day, key=BETA.token, times=None)
         proxy.fake.answerNext(429, minute, headers, key=GAMMA.token, times=None)
-        response, _ = proxy.chatted()
+        response, _ = proxy.chatted(model=FREE_MODEL)
         self.assertEqual(response.code, 429)
         self.assertEqual(response.headers.getRawHeaders("Retry-After"), ["42"])
 
@@ -320,7 +331,8 @@ class KeysResourceTests(SynchronousTestCase):
         self.assertEqual(
             set(keys["beta"]),
             {"name", "state", "requests_today", "daily_limit", "rate_limited_today",
-             "errors_today", "usable_again_at", "reason"},
+             "errors_today", "usable_again_at", "reason", "free_requests_today",
+             "cost_today", "daily_cost", "free_requests_reason", "paid_requests_reason"},
         )
         for key in KEYS:
             self.assertNotIn(key.token.encode(), raw)
@@ -361,10 +373,9 @@ class LedgerContinuityTests(TestCase):
         self.assertEqual(sum(before.values()), 5)
         from hermux.access import clientLabel
 
-        self.assertEqual(
-            SQLiteLedger(path).clientUsage(dayOf(NOW)),
-            {clientLabel(ACCESS_TOKEN): 5},
-        )
+        usage = SQLiteLedger(path).clientUsage(dayOf(NOW))
+        self.assertEqual(list(usage), [clientLabel(ACCESS_TOKEN)])
+        self.assertEqual(usage[clientLabel(ACCESS_TOKEN)].requests, 5)
 
 
 class ProbeTests(SynchronousTestCase):

@@ -133,7 +133,8 @@ class ConcurrentStreamsTests(LoadTestCase):
             data = [event[len(b"data: ") :] for event in events if event.startswith(b"data: ")]
             self.assertEqual(data[-1], b"[DONE]")
             words = [json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-1]]
-            self.assertEqual(len(data), len(FAKE_ANSWER.split()) + 2)
+            # The words, the finish chunk, the usage chunk and [DONE].
+            self.assertEqual(len(data), len(FAKE_ANSWER.split()) + 3)
             self.assertEqual("".join(words), FAKE_ANSWER)
 
     async def test_concurrentStreamingClients(self):

@@ -27,7 +27,7 @@ from twisted.web.client import (
 
 from hermux.config import Key
 from hermux.keypool import Kind, State, Verdict, dayOf
-from hermux.ledger import MemoryLedger, SQLiteLedger
+from hermux.ledger import Counts, MemoryLedger, SQLiteLedger
 from hermux.lifecycle import HermuxService
 from tests.harness import (
     ACCESS_TOKEN,
@@ -68,7 +68,7 @@ class ReloadTests(TestCase):
         writeAllow(self.allow, [ACCESS_TOKEN, OTHER_TOKEN])
         self.ledger = MemoryLedger()
         # Earlier today, before a restart, a key named delta was in use.
-        self.ledger.record(dayOf(reactor.seconds()), "delta", requests=1)
+        self.ledger.add(dayOf(reactor.seconds()), "delta", "-", "-", Counts(requests=1))
         self.proxy = Proxy(
             self,
             accessTokens=(ACCESS_TOKEN, OTHER_TOKEN),
@@ -352,7 +352,7 @@ class MetricsTests(TestCase):
         proxy.fake.answerNext(400, {"error": {"code": 400, "message": "bad"}}, key=GAMMA.token, times=1)
         statuses = []
         for _ in range(4):
-            response = await proxy.chat()
+            response = await proxy.chat(model="test/model:free")
             await response.content()
             statuses.append((response.code, response.headers.getRawHeaders("X-Token-Name")[0]))
         unauthorized = await proxy.request("GET", "/api/v1/models", token="wrong")
@@ -372,9 +372,9 @@ class MetricsTests(TestCase):
         self.assertEqual(served("none", "4xx"), 1)
         alphaTried = sum(1 for r in proxy.fake.received if r.key == ALPHA.token)
         self.assertEqual(values[("hermux_retries_total", (("reason", "exhausted"),))], alphaTried)
-        self.assertEqual(
-            values[("hermux_key_state", (("key", "alpha"), ("state", "exhausted")))], alphaTried
-        )
+        # Kept from free-model requests only, it is still ready for paid ones.
+        self.assertEqual(alphaTried, 1)
+        self.assertEqual(values[("hermux_key_state", (("key", "alpha"), ("state", "ready")))], 1)
         self.assertEqual(values[("hermux_key_state", (("key", "beta"), ("state", "ready")))], 1)
         self.assertEqual(
             values[("hermux_upstream_ttfb_seconds_count", ())], len(proxy.fake.received)

@@ -18,7 +18,17 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from hermux.config import Key
-from hermux.keypool import SECONDS_PER_DAY, Kind, KeyPool, KeyStatus, State, Verdict, nextMidnight
+from hermux.keypool import (
+    SECONDS_PER_DAY,
+    Kind,
+    KeyPool,
+    KeyStatus,
+    NoKeyAvailable,
+    State,
+    Use,
+    Verdict,
+    nextMidnight,
+)
 from hermux.probe import DRIFT_INTERVAL, KeyProbe
 from hermux.testing import FakeOpenRouter
 from hermux.upstream import Upstream
@@ -182,7 +192,7 @@ class BackgroundProbeTests(SynchronousTestCase):
         )
         for line in lines:
             self.assertNotIn(BETA.token, line)
-        self.assertEqual(self.pool.acquire(exclude=["alpha"]), BETA)
+        self.assertEqual(self.pool.acquire(exclude=["alpha"]).key, BETA)
         self.clock.advance(INTERVAL)
         self.assertEqual(self.probed(), [BETA.token] * 2)
 
@@ -238,31 +248,34 @@ class BackgroundProbeTests(SynchronousTestCase):
 
     def test_driftCorrectedHourly(self):
         """
-        Every hour every key is asked about: a count the upstream has higher
-        than hermux's (the account was used elsewhere) is taken, so that
-        least-used and the daily limits follow it; a lower one is not.
+        Every hour every key is asked about: a count of free-model requests
+        the upstream has higher than hermux's (the account was used
+        elsewhere) is taken, so that least-used and the daily limits follow
+        it; a lower one is not.
         """
         self.fake.keys = None
-        self.pool.acquire(exclude=["beta"])
-        self.pool.acquire(exclude=["beta"])
+        free = Use(model="m:free", free=True)
+        self.pool.acquire(exclude=["beta"], use=free)
+        self.pool.acquire(exclude=["beta"], use=free)
         self.fake.usedToday[BETA.token] = 9
         self.probe()
         self.clock.advance(DRIFT_INTERVAL - 1)
         self.assertEqual(self.probed(), [])
-        self.assertEqual(self.pool.requestCounts(), {"alpha": 2, "beta": 0})
+        self.assertEqual(self.pool.freeRequestCounts(), {"alpha": 2, "beta": 0})
         with capturedLogs() as events:
             self.clock.advance(1)
         self.assertEqual(sorted(self.probed()), sorted([ALPHA.token, BETA.token]))
-        self.assertEqual(self.pool.requestCounts(), {"alpha": 2, "beta": 9})
+        self.assertEqual(self.pool.freeRequestCounts(), {"alpha": 2, "beta": 9})
         self.assertEqual(self.states()["beta"].dailyLimit, 200)
         self.assertEqual(
             [formatEvent(event) for event in events if event["log_level"].name == "info"],
             ["key beta: 9 of 200 free-model requests used today (hermux had counted 0)"],
         )
-        self.assertEqual(self.pool.acquire(), ALPHA)
+        self.assertEqual(self.pool.acquire(use=free).key, ALPHA)
         self.fake.usedToday[ALPHA.token] = 200
         self.clock.advance(DRIFT_INTERVAL)
-        self.assertEqual(self.states()["alpha"].state, State.EXHAUSTED)
+        self.assertIsNotNone(self.states()["alpha"].freeReason)
+        self.assertRaises(NoKeyAvailable, self.pool.acquire, exclude=["beta"], use=free)
 
     def test_refusalOnHourlyProbeDisables(self):
         """

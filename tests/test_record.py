@@ -23,6 +23,7 @@ from hermux.keypool import KeyPool, Kind, Verdict
 from hermux.record import RequestRecord, recordOf
 from hermux.relay import Relay
 from hermux.requestlog import REQUEST_LINE
+from hermux.usage import Usage
 from hermux.resource import buildRoot
 from hermux.site import HermuxSite
 from hermux.testing import FAKE_MODEL, FakeOpenRouter
@@ -94,6 +95,13 @@ class LogFieldsTests(SynchronousTestCase):
                 "peer": "192.168.1.1:12344",
                 "outcome": "complete",
                 "outcomeNote": "",
+                "model": "-",
+                "usageNote": "",
+                "promptTokens": None,
+                "completionTokens": None,
+                "reasoningTokens": None,
+                "cachedTokens": None,
+                "cost": None,
             },
         )
 
@@ -120,6 +128,33 @@ class LogFieldsTests(SynchronousTestCase):
             "0 bytes in 0.250s from 192.0.2.9:40000 (the upstream request failed)",
         )
         self.assertNotIn(ACCESS_TOKEN, repr(record))
+
+    def test_usage(self):
+        """
+        A request accounted under a model logs it with the tokens and cost
+        its answer reported, also as fields of their own; a model a client
+        named shows only printable ASCII, at most 128 characters.
+        """
+        request = _plainRequest()
+        record = RequestRecord(
+            keyName="alpha",
+            model="openai/gpt-4o",
+            usage=Usage(promptTokens=1234, completionTokens=567, reasoningTokens=8,
+                        cachedTokens=90, cost=12_300_000),
+        )
+        fields = record.logFields(request, 0.0)
+        line = REQUEST_LINE.format_map(fields)
+        self.assertIn(
+            "; model openai/gpt-4o, 1234+567 tokens (8 reasoning, 90 cached), cost 0.0123", line
+        )
+        self.assertEqual(
+            (fields["promptTokens"], fields["completionTokens"], fields["cost"]), (1234, 567, 0.0123)
+        )
+        record = RequestRecord(model="evil\nmodel\x1b[31m" + "x" * 200)
+        fields = record.logFields(request, 0.0)
+        self.assertEqual(fields["model"], "evil?model?[31m" + "x" * 113)
+        self.assertIn("no usage reported", fields["usageNote"])
+        self.assertNotIn("\n", REQUEST_LINE.format_map(fields))
 
 
 class _Remembering(Resource):

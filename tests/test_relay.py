@@ -42,7 +42,8 @@ from tests.memory import (
 
 KEY = Key("alpha", "sk-or-v1-relay-test-key")
 IDLE = 30.0
-EVENTS = 1 + len(FAKE_ANSWER.split()) + 1 + 1
+# The comment, the words, the finish chunk, the usage chunk, [DONE].
+EVENTS = 1 + len(FAKE_ANSWER.split()) + 2 + 1
 
 
 def relayProxy(testCase, **kwargs) -> MemoryProxy:

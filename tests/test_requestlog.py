@@ -28,6 +28,8 @@ FIELDS = {
     "peer": "127.0.0.1:40000",
     "outcome": "complete",
     "outcomeNote": "",
+    "model": "-",
+    "usageNote": "",
 }
 
 # twistd's timestamps: 2026-11-26T10:00:00+0000

@@ -15,8 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from hermux.access import AccessList, AuthThrottle
 from hermux.config import Key
 from hermux.access import clientLabel
-from hermux.keypool import KeyPool, dayOf
-from hermux.ledger import MemoryLedger
+from hermux.keypool import SECONDS_PER_DAY, KeyPool
+from hermux.ledger import Counts, MemoryLedger, dayText
 from twisted.internet.task import Clock
 from hermux.record import recordOf
 from hermux.resource import buildRoot
@@ -28,6 +28,8 @@ KEYS = (
 ACCESS_TOKEN = "resource-test-access-token-Qw8e"
 OTHER_TOKEN = "resource-test-other-token-Lp3v"
 RELAYED = b"relayed by the stub"
+DAY = 20424
+TODAY, YESTERDAY = dayText(DAY), dayText(DAY - 1)
 
 UNKNOWN_PATHS = ("/", "/foo", "/hermux", "/hermux/", "/hermux/nope", "/hermux/health/extra")
 BAD_TARGETS = (
@@ -231,17 +233,16 @@ class RoutingTests(ResourceTestCase):
         self.assertTarget("/v1/chat/completions", b"/api/v1/chat/completions")
         self.assertTarget("/v1/models?category=programming", b"/api/v1/models?category=programming")
 
-    def test_clientsAreCounted(self):
+    def test_clientsAreNamedToTheRelay(self):
         """
-        Each forwarded request counts one request for its client, by label,
-        in today's usage; refused ones do not.
+        Each forwarded request reaches the relay (which counts it) with its
+        client's label in its record; refused ones do not reach it.
         """
         for _ in range(3):
             self.assertEqual(self.respond("GET", "/api/v1/models").code, 200)
         self.respond("GET", "/api/v1/models", authorization="Bearer wrong")
         label = clientLabel(ACCESS_TOKEN)
         self.assertEqual([client for target, client in self.relay.calls], [label] * 3)
-        self.assertEqual(self.ledger.clientUsage(dayOf(self.clock.seconds())), {label: 3})
 
     def test_badTargetsAreRefused(self):
         """
@@ -261,6 +262,80 @@ class RoutingTests(ResourceTestCase):
             self.assertError(self.respond("GET", path), 404)
             self.assertError(self.respond("GET", path, authorization=None), 404)
         self.assertEqual(self.relay.calls, [])
+
+
+class UsageTests(ResourceTestCase):
+    """
+    C{/hermux/usage}: the ledger's counts over days, grouped as asked.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.clock.advance(DAY * SECONDS_PER_DAY + 3600)
+        root = buildRoot(
+            self.pool, AccessList([ACCESS_TOKEN]), self.relay, ledger=self.ledger, reactor=self.clock
+        )
+        self.stub = StubTreq(root)
+        for day, key, client, model, counts in [
+            (DAY, "beta", "c1", "m:free", Counts(requests=2, freeRequests=2, promptTokens=10)),
+            (DAY, "alpha", "c1", "paid/m", Counts(requests=1, promptTokens=5, cost=1_500_000)),
+            (DAY, "alpha", "c2", "paid/m", Counts(requests=1, errors=1)),
+            (DAY - 1, "alpha", "c1", "paid/m", Counts(requests=7, cost=10**9)),
+        ]:
+            self.ledger.add(day, key, client, model, counts)
+
+    def usage(self, query="") -> dict:
+        response = self.respond("GET", "/hermux/usage" + query)
+        self.assertEqual(response.code, 200, response.body)
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["application/json"])
+        return json.loads(response.body)
+
+    def test_needsAToken(self):
+        self.assertError(self.respond("GET", "/hermux/usage", authorization=None), 401)
+
+    def test_todayByDayAndKey(self):
+        """
+        By default: today, by day and key, rows sorted, totals of all.
+        """
+        report = self.usage()
+        self.assertEqual((report["from"], report["to"]), (TODAY, TODAY))
+        self.assertEqual(report["group_by"], ["day", "key"])
+        self.assertEqual(
+            [(row["day"], row["key"], row["requests"], row["cost"]) for row in report["rows"]],
+            [(TODAY, "alpha", 2, 0.0015), (TODAY, "beta", 2, 0.0)],
+        )
+        self.assertEqual(report["totals"]["requests"], 4)
+        self.assertEqual(report["totals"]["free_requests"], 2)
+        self.assertEqual(report["totals"]["errors"], 1)
+        self.assertEqual(report["totals"]["prompt_tokens"], 15)
+
+    def test_rangeAndGrouping(self):
+        report = self.usage(f"?from={YESTERDAY}&to={TODAY}&group_by=model,client")
+        self.assertEqual(
+            [(row["model"], row["client"], row["requests"]) for row in report["rows"]],
+            [("m:free", "c1", 2), ("paid/m", "c1", 8), ("paid/m", "c2", 1)],
+        )
+        self.assertEqual(report["totals"]["cost"], 1.0015)
+
+    def test_badParametersNameThemselves(self):
+        """
+        A bad parameter gets 400 with a message that names it.
+        """
+        for query, named in [
+            ("?from=yesterday", "from"),
+            ("?to=2026-13-01", "to"),
+            (f"?from={TODAY}&to={YESTERDAY}", "from"),
+            ("?from=2020-01-01", "from"),
+            ("?group_by=key,colour", "group_by"),
+            ("?group_by=", "group_by"),
+            ("?colour=red", "colour"),
+        ]:
+            response = self.respond("GET", "/hermux/usage" + query)
+            self.assertError(response, 400)
+            self.assertIn(named, json.loads(response.body)["error"]["message"], query)
+
+    def test_readOnly(self):
+        self.assertError(self.respond("POST", "/hermux/usage"), 405)
 
 
 class HealthTests(ResourceTestCase):

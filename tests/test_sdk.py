@@ -101,7 +101,9 @@ class SDKTests(TestCase):
         deltas, reasons = await self.call(stream)
         self.assertEqual("".join(deltas), FAKE_ANSWER)
         self.assertEqual(len(deltas), len(FAKE_ANSWER.split()))
-        self.assertEqual(reasons, ["stop"])
+        # The last chunk, with the usage, repeats the finish reason, as
+        # OpenRouter's do.
+        self.assertEqual(reasons, ["stop", "stop"])
 
     async def test_rawResponseNamesTheKey(self):
         """

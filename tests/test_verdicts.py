@@ -22,6 +22,8 @@ from tests.memory import NOW, MemoryProxy
 
 ALPHA, BETA, GAMMA = KEYS
 HOUR = 3600.0
+FREE_MODEL = "test/model:free"
+PAID_MODEL = "test/model"
 
 
 def attempts(proxy) -> int:
@@ -71,32 +73,55 @@ class PenaltyTests(SynchronousTestCase):
         self.assertIn(reason, keysPage(proxy)[penalized]["reason"])
         return status
 
-    def scripted(self, script: str, *args, **kwargs):
+    def assertMovesOnFor(self, proxy, penalized: str, kind: str, usableAt, reason: str):
         """
-        A proxy whose fake answers ALPHA with its method C{script}; ALPHA is
-        tried first (the others start with more requests today).
+        Like L{assertMovesOn} for a verdict that keeps C{penalized} from
+        C{kind} requests only (C{"free"} or C{"paid"}): the request (of that
+        kind) goes on to another key; C{penalized} stays ready, serves the
+        other kind, and serves this kind again at C{usableAt}.
+        """
+        free, other = (FREE_MODEL, PAID_MODEL) if kind == "free" else (PAID_MODEL, FREE_MODEL)
+        response, body = proxy.chatted(model=free)
+        self.assertEqual(response.code, 200, body)
+        self.assertNotEqual(response.headers.getRawHeaders("X-Token-Name"), [penalized])
+        self.assertEqual(states(proxy)[penalized].state, State.READY)
+        self.assertIn(reason, keysPage(proxy)[penalized][f"{kind}_requests_reason"])
+        response, body = proxy.chatted(model=other)
+        self.assertEqual(response.headers.getRawHeaders("X-Token-Name"), [penalized], body)
+        reasonOf = "freeReason" if kind == "free" else "paidReason"
+        proxy.advance(usableAt - proxy.clock.seconds() - 1)
+        self.assertIsNotNone(getattr(states(proxy)[penalized], reasonOf))
+        proxy.advance(1)
+        self.assertIsNone(getattr(states(proxy)[penalized], reasonOf))
+
+    def scripted(self, script: str, *args, times=None, **kwargs):
+        """
+        A proxy whose fake answers ALPHA with its method C{script} (C{times}
+        times; L{None}: always); ALPHA is tried first (the others start with
+        more requests today).
         """
         proxy = MemoryProxy(self)
         proxy.pool.seed(BETA.name, used=5)
         proxy.pool.seed(GAMMA.name, used=5)
-        getattr(proxy.fake, script)(*args, key=ALPHA.token, times=None, **kwargs)
+        getattr(proxy.fake, script)(*args, key=ALPHA.token, times=times, **kwargs)
         return proxy
 
     def test_platformPerDay(self):
         """
-        429 free-models-per-day with X-RateLimit-*: exhausted until the reset.
+        429 free-models-per-day with X-RateLimit-*: kept from free-model
+        requests until the reset; paid ones still go to the key.
         """
-        proxy = self.scripted("platformLimitNext", perDay=True, resetIn=3 * HOUR)
-        self.assertMovesOn(proxy, ALPHA.name, State.EXHAUSTED, NOW + 3 * HOUR, "429")
+        proxy = self.scripted("platformLimitNext", perDay=True, resetIn=3 * HOUR, times=1)
+        self.assertMovesOnFor(proxy, ALPHA.name, "free", NOW + 3 * HOUR, "429")
 
     def test_platformPerDayOnlyInHeaders(self):
         """
         X-RateLimit-* as response headers only is OpenRouter's limit too.
         """
         proxy = self.scripted(
-            "platformLimitNext", perDay=True, resetIn=HOUR, inBody=False
+            "platformLimitNext", perDay=True, resetIn=HOUR, inBody=False, times=1
         )
-        self.assertMovesOn(proxy, ALPHA.name, State.EXHAUSTED, NOW + HOUR, "429")
+        self.assertMovesOnFor(proxy, ALPHA.name, "free", NOW + HOUR, "429")
 
     def test_platformPerMinute(self):
         """
@@ -125,14 +150,31 @@ class PenaltyTests(SynchronousTestCase):
 
     def test_outOfCredits(self):
         """
-        402 out of credits: disabled until the next 00:00 UTC.
+        402 out of credits on a paid request: kept from paid requests until
+        the next 00:00 UTC; free-model ones still go to the key.
+        """
+        proxy = self.scripted("paymentRequiredNext", "credits", times=1)
+        self.assertMovesOnFor(proxy, ALPHA.name, "paid", nextMidnight(NOW), "402")
+
+    def test_outOfCreditsOnAFreeRequest(self):
+        """
+        A 402 on a free-model request, which only a negative balance gives,
+        disables the key for everything until the next 00:00 UTC.
         """
         proxy = self.scripted("paymentRequiredNext", "credits")
-        self.assertMovesOn(proxy, ALPHA.name, State.DISABLED, nextMidnight(NOW), "402")
+        response, body = proxy.chatted(model=FREE_MODEL)
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(states(proxy)[ALPHA.name].state, State.DISABLED)
+        self.assertEqual(states(proxy)[ALPHA.name].usableAt, nextMidnight(NOW))
 
     def test_negativeBalance(self):
-        proxy = self.scripted("paymentRequiredNext", "negative_balance")
-        self.assertMovesOn(proxy, ALPHA.name, State.DISABLED, nextMidnight(NOW), "402")
+        """
+        A 402 that says the balance is negative disables the key for
+        everything, even on a paid request.
+        """
+        for kind in ("negative_balance", "negative"):
+            proxy = self.scripted("paymentRequiredNext", kind)
+            self.assertMovesOn(proxy, ALPHA.name, State.DISABLED, nextMidnight(NOW), "402")
 
     def test_keyLimits(self):
         """
@@ -274,7 +316,7 @@ class BreakerTests(SynchronousTestCase):
     (other than a 429), then gives the client the last answer.
     """
 
-    def assertBroken(self, proxy, status):
+    def assertBroken(self, proxy, status, usable=lambda s: s.state is State.READY):
         with capturedLogs() as events:
             response, body = proxy.chatted()
         self.assertEqual(response.code, status, body)
@@ -285,14 +327,14 @@ class BreakerTests(SynchronousTestCase):
         self.assertEqual(retries(proxy, "stopped_breaker"), 1)
         lines = [formatEvent(event) for event in events]
         self.assertTrue(any("not trying another" in line and "same answer" in line for line in lines), lines)
-        left = [s for s in proxy.pool.statuses() if s.state is State.READY]
+        left = [s for s in proxy.pool.statuses() if usable(s)]
         self.assertEqual(len(left), 1)
         return left
 
     def test_outOfCredits(self):
         proxy = MemoryProxy(self)
         allKeys(proxy.fake.paymentRequiredNext, "credits")
-        self.assertBroken(proxy, 402)
+        self.assertBroken(proxy, 402, usable=lambda s: s.paidReason is None)
 
     def test_unauthorized(self):
         proxy = MemoryProxy(self)
@@ -331,11 +373,11 @@ class BreakerTests(SynchronousTestCase):
         """
         proxy = MemoryProxy(self)
         allKeys(proxy.fake.platformLimitNext, perDay=True)
-        response, _ = proxy.chatted()
+        response, _ = proxy.chatted(model=FREE_MODEL)
         self.assertEqual(response.code, 429)
         self.assertEqual(response.headers.getRawHeaders("X-Hermux-Error"), ["429"])
         self.assertEqual(attempts(proxy), 3)
-        self.assertEqual({s.state for s in proxy.pool.statuses()}, {State.EXHAUSTED})
+        self.assertTrue(all(s.freeReason for s in proxy.pool.statuses()))
 
 
 def _nameOf(token: str) -> str:
