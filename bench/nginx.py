@@ -23,7 +23,7 @@ BIG_PATH = "/api/v1/big"
 
 CHAT_REQUEST = json.dumps(
     {
-        "model": "meta-llama/llama-3.3-70b-instruct:free",
+        "model": "openai/gpt-4o-mini",
         "messages": [
             {"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "Say hello to the benchmark in one sentence."},
@@ -34,7 +34,7 @@ CHAT_REQUEST = json.dumps(
 
 STREAM_REQUEST = json.dumps(
     {
-        "model": "meta-llama/llama-3.3-70b-instruct:free",
+        "model": "openai/gpt-4o-mini",
         "messages": [{"role": "user", "content": "Write a long story."}],
         "stream": True,
     }
@@ -49,8 +49,8 @@ def chatCompletion() -> bytes:
     return json.dumps(
         {
             "id": "gen-1732600000-AbCdEfGhIjKlMnOpQrSt",
-            "provider": "Together",
-            "model": "meta-llama/llama-3.3-70b-instruct:free",
+            "provider": "OpenAI",
+            "model": "openai/gpt-4o-mini",
             "object": "chat.completion",
             "created": 1732600000,
             "choices": [
@@ -68,20 +68,38 @@ def chatCompletion() -> bytes:
                     },
                 }
             ],
-            "usage": {"prompt_tokens": 28, "completion_tokens": 24, "total_tokens": 52},
+            "usage": _usage(28, 24),
         }
     ).encode() + b"\n"
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    """
+    The usage OpenRouter reports in every answer (usage accounting): tokens
+    with their details, and the cost in credits.
+    """
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "cost": round(prompt * 15e-8 + completion * 6e-7, 9),
+        "is_byok": False,
+        "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0, "audio_tokens": 0},
+        "cost_details": {"upstream_inference_cost": None},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
 
 
 def sseBody(size: int = 100 * 1024) -> bytes:
     """
     A streamed chat completion of about C{size} bytes: OpenRouter's
-    processing comment, one event per word, the final event and [DONE].
+    processing comment, one event per word, the final event, the usage
+    event (which repeats the finish reason) and [DONE].
     """
     head = {
         "id": "gen-1732600000-AbCdEfGhIjKlMnOpQrSt",
-        "provider": "Together",
-        "model": "meta-llama/llama-3.3-70b-instruct:free",
+        "provider": "OpenAI",
+        "model": "openai/gpt-4o-mini",
         "object": "chat.completion.chunk",
         "created": 1732600000,
     }
@@ -96,9 +114,10 @@ def sseBody(size: int = 100 * 1024) -> bytes:
         parts.append(part)
         total += len(part)
         index += 1
-    final = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": "stop"}],
-             "usage": {"prompt_tokens": 12, "completion_tokens": index, "total_tokens": 12 + index}}
+    final = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]}
     parts.append(b"data: " + json.dumps(final).encode() + b"\n\n")
+    accounting = {**final, "usage": _usage(12, index)}
+    parts.append(b"data: " + json.dumps(accounting).encode() + b"\n\n")
     parts.append(b"data: [DONE]\n\n")
     return b"".join(parts)
 
