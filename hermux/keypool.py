@@ -320,7 +320,21 @@ class _Account:
         return until
 
     def serves(self, free: bool | None, now: float) -> bool:
-        return self.usableAt(now, free) == now
+        """
+        Whether this key can serve a request of the kind C{free} says now:
+        C{usableAt(now, free) == now}, without working out when.
+        """
+        if self.disabled and (self.disabledUntil is None or now < self.disabledUntil):
+            return False
+        if now < self.exhaustedUntil or now < self.coolingUntil:
+            return False
+        if free is True:
+            return now >= self.freeUntil and not self._freeLimitReached()
+        if free is False:
+            return now >= self.paidUntil and not self._costLimitReached()
+        return (now >= self.freeUntil and not self._freeLimitReached()) or (
+            now >= self.paidUntil and not self._costLimitReached()
+        )
 
     def _freeReason(self, now: float) -> str | None:
         if now < self.freeUntil:
@@ -393,7 +407,8 @@ class Attempt:
         self.use = use
         self._pool = pool
         self._day = day
-        self._counts = Counts(requests=1, freeRequests=1 if use.free else 0)
+        # The counters, in Counts' order: summed here, made a Counts once.
+        self._row = [1, 1 if use.free else 0, 0, 0, 0, 0, 0, 0, 0]
         self._model: str | None = None
         self._closed = False
 
@@ -407,7 +422,8 @@ class Attempt:
         if self._closed:
             self._pool._ledger.add(self._day, self.key.name, self.use.client, self.model, counted)
         else:
-            self._counts = self._counts + counted
+            self._row[_RATE_LIMITED] += counted.rateLimited
+            self._row[_ERRORS] += counted.errors
 
     def charge(self, usage: Usage) -> None:
         """
@@ -416,18 +432,17 @@ class Attempt:
         if self._closed:
             return
         self._model = usage.model or self._model
-        self._counts = self._counts + Counts(
-            promptTokens=usage.promptTokens,
-            completionTokens=usage.completionTokens,
-            reasoningTokens=usage.reasoningTokens,
-            cachedTokens=usage.cachedTokens,
-            cost=usage.cost,
-        )
+        row = self._row
+        row[4] += usage.promptTokens
+        row[5] += usage.completionTokens
+        row[6] += usage.reasoningTokens
+        row[7] += usage.cachedTokens
+        row[8] += usage.cost
         self._pool._spent(self.key, usage.cost, self._day)
 
     @property
     def counts(self) -> Counts:
-        return self._counts
+        return Counts(*self._row)
 
     @property
     def model(self) -> str:
@@ -440,7 +455,7 @@ class Attempt:
         if self._closed:
             return
         self._closed = True
-        self._pool._ledger.add(self._day, self.key.name, self.use.client, self.model, self._counts)
+        self._pool._ledger.add(self._day, self.key.name, self.use.client, self.model, self.counts)
 
 
 class KeyPool(Service):
@@ -588,9 +603,9 @@ class KeyPool(Service):
         now = self._now()
         kind = verdict.kind
         if kind in (Kind.BUSY, Kind.COOLING, Kind.EXHAUSTED):
-            counted = Counts(rateLimited=1)
+            counted = _ONE_RATE_LIMITED
         elif kind in (Kind.ERROR, Kind.OVER_BUDGET, Kind.DISABLED):
-            counted = Counts(errors=1)
+            counted = _ONE_ERROR
         else:
             return None
         account = self._account(key, day)
@@ -735,6 +750,11 @@ class KeyPool(Service):
         )
         return True
 
+
+_ONE_RATE_LIMITED = Counts(rateLimited=1)
+_ONE_ERROR = Counts(errors=1)
+# Where Attempt's row holds these counters (Counts' order).
+_RATE_LIMITED, _ERRORS = 2, 3
 
 # Which kind of request (Use.free) a verdict of each scope is about.
 _SCOPE_FREE = {Scope.ALL: None, Scope.FREE: True, Scope.PAID: False}

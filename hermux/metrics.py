@@ -20,6 +20,9 @@ from hermux.record import RequestRecord
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+_TOKEN_KINDS = ("prompt", "completion", "reasoning", "cached")
+
+
 def statusClass(status) -> str:
     """
     "2xx" for 200 and so on; "none" when no status line was sent.
@@ -124,6 +127,28 @@ class Metrics:
             registry=self.registry,
         )
         ProcessCollector(registry=self.registry)
+        # The labelled children of the usage counters, by key and by client
+        # (names from the configuration): labels() costs more than inc().
+        self._keyUsage: dict[str, tuple] = {}
+        self._clientUsage: dict[str, tuple] = {}
+
+    def _ofKey(self, key: str) -> tuple:
+        children = self._keyUsage.get(key)
+        if children is None:
+            children = self._keyUsage[key] = (
+                *(self.tokens.labels(key, kind) for kind in _TOKEN_KINDS),
+                self.cost.labels(key),
+            )
+        return children
+
+    def _ofClient(self, label: str) -> tuple:
+        children = self._clientUsage.get(label)
+        if children is None:
+            children = self._clientUsage[label] = (
+                self.clientRequests.labels(label),
+                self.clientCost.labels(label),
+            )
+        return children
 
     def watch(self, pool: KeyPool) -> None:
         """
@@ -139,24 +164,24 @@ class Metrics:
         key = record.keyName or "none"
         self.requests.labels(key, statusClass(status)).inc()
         self.relayedBytes.inc(bodyBytes)
-        if record.client is not None:
-            self.clientRequests.labels(record.client.label).inc()
+        client = None if record.client is None else self._ofClient(record.client.label)
+        if client is not None:
+            client[0].inc()
         usage = record.usage
         if usage is None:
             return
-        for kind, count in (
-            ("prompt", usage.promptTokens),
-            ("completion", usage.completionTokens),
-            ("reasoning", usage.reasoningTokens),
-            ("cached", usage.cachedTokens),
-        ):
-            if count:
-                self.tokens.labels(key, kind).inc(count)
+        prompt, completion, reasoning, cached, cost = self._ofKey(key)
+        prompt.inc(usage.promptTokens)
+        completion.inc(usage.completionTokens)
+        if usage.reasoningTokens:
+            reasoning.inc(usage.reasoningTokens)
+        if usage.cachedTokens:
+            cached.inc(usage.cachedTokens)
         if usage.cost:
             credits = usage.cost / NANOCREDITS
-            self.cost.labels(key).inc(credits)
-            if record.client is not None:
-                self.clientCost.labels(record.client.label).inc(credits)
+            cost.inc(credits)
+            if client is not None:
+                client[1].inc(credits)
 
     def reloaded(self, succeeded: bool) -> None:
         self.reloads.labels("ok" if succeeded else "rejected").inc()

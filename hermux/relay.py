@@ -173,7 +173,7 @@ class _BodyRelay(_BodyReader):
         super().__init__(kick)
         self._request = request
         self._watch = watch  # a hermux.usage.AnswerWatch, or None
-        self.usage = None  # what the answer said it used, once it ended cleanly
+        self.usage = None  # what the answer said it used, once it ended
 
     def connectionMade(self):
         self._request.registerProducer(self.transport, True)
@@ -185,7 +185,9 @@ class _BodyRelay(_BodyReader):
             self._watch.dataReceived(data)
 
     def connectionLost(self, reason):
-        if self._watch is not None and reason.check(ResponseDone, PotentialDataLoss):
+        if self._watch is not None:
+            # Also when it broke: an error event, or the usage, may have
+            # come before.
             self.usage = self._watch.finish()
         super().connectionLost(reason)
 
@@ -575,6 +577,7 @@ class _Exchange:
         except Exception:
             if self._clientGone:
                 raise
+            self._charge(attempt, body.usage)
             # The upstream broke or stalled mid-body.  Close the client's
             # connection without a clean end, so that it sees a truncated
             # response rather than a complete-looking one.
@@ -586,12 +589,19 @@ class _Exchange:
             request.unregisterProducer()
             request.loseConnection()
             return
-        if body.usage is not None:
-            attempt.charge(body.usage)
-            self._record.usage = body.usage
-            self._record.model = attempt.model
+        self._charge(attempt, body.usage)
         request.unregisterProducer()
         request.finish()
+
+    def _charge(self, attempt: Attempt, usage) -> None:
+        """
+        Add what the answer said it used to C{attempt} and to the record.
+        """
+        if usage is None:
+            return
+        attempt.charge(usage)
+        self._record.usage = usage
+        self._record.model = attempt.model
 
     def failed(self, failure) -> None:
         """

@@ -111,11 +111,10 @@ class ReceivedRequest:
 class ReportedUsage:
     """
     The usage one answer of the fake reported, as the fields hermux reads
-    give it.  For chat, text completions and the Responses API,
-    C{promptTokens} includes the cached tokens; for the Messages API it is
-    C{input_tokens}, which (as Anthropic counts) leaves out the tokens read
-    from or written to the cache, and C{reasoningTokens} is 0 (that shape
-    has no such field).
+    give it.  C{promptTokens} includes the cached tokens: for the Messages
+    API, whose C{input_tokens} (as Anthropic counts) leave out the tokens
+    read from or written to the cache, it is their sum; C{reasoningTokens}
+    is 0 there (that shape has no such field).
 
     @ivar key: the upstream key the request used (L{ReceivedRequest.key}).
     @ivar model: the answer's C{model}.
@@ -742,7 +741,9 @@ class FakeOpenRouter(Resource):
         tokens = answer.tokens
         prompt, reasoning = tokens.prompt, tokens.reasoning
         if shape is _Messages:
-            prompt, reasoning = tokens.prompt - tokens.cached - tokens.cacheWrite, 0
+            # input_tokens plus the cache's read and written tokens: all of
+            # the prompt, as chat counts it.
+            reasoning = 0
         self.reported.append(
             ReportedUsage(
                 key=key,

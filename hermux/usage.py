@@ -47,6 +47,8 @@ from hermux.streamwatch import EVENT_LIMIT, firstBoundary, lastBoundary, verdict
 BODY_LIMIT = 256 * 1024  # a JSON answer up to this size is kept whole and parsed at its end
 _HEAD = 4 * 1024  # of a longer answer or event: its first bytes, for "model"
 _TAIL = 16 * 1024  # and at least its last bytes, for "usage"
+_STREAM_HEAD = 4 * 1024  # of an event stream: the first bytes, read as they come
+_STREAM_TAIL = 4 * 1024  # and at least the last, read at its end
 _STEP = 64 * 1024  # the most a compressed answer expands to in one step
 
 _ERROR = b'"error"'
@@ -110,6 +112,14 @@ def nanocredits(value) -> int:
     even; 0 for anything that is not a sensible cost (negative, not finite,
     a boolean, not a number, more than a million credits).
     """
+    if type(value) is float and 0 <= value <= _MOST_CREDITS:
+        # The float nearest a decimal of up to 10**15 nanocredits, scaled,
+        # is within 0.25 of the decimal's own: unless that is near a tie,
+        # rounding it is exact, and far cheaper than Decimal.
+        scaled = value * _NANOS
+        rounded = round(scaled)
+        if abs(scaled - rounded) < 0.25:
+            return rounded
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         return 0
     try:
@@ -145,6 +155,8 @@ class _Found:
     def __init__(self):
         self.model: str | None = None
         self.counts: dict[str, int] = {}
+        self._anthropic = False  # cache tokens in Anthropic's terms were seen
+        self._cacheWritten = 0
 
     def take(self, thing) -> None:
         """
@@ -172,6 +184,20 @@ class _Found:
                 if value is not None:
                     self.counts[name] = _tokens(value)
                     break
+        if "cache_creation_input_tokens" in usage:
+            self._cacheWritten = _tokens(usage["cache_creation_input_tokens"])
+            self._anthropic = True
+        if "cache_read_input_tokens" in usage:
+            self._anthropic = True
+        if self._anthropic and "input_tokens" in usage:
+            # Anthropic's input_tokens (the Messages API) leave out the
+            # tokens read from and written to the cache, which the other
+            # APIs' prompt and input tokens include: count them all.
+            self.counts["promptTokens"] = (
+                _tokens(usage["input_tokens"])
+                + self.counts.get("cachedTokens", 0)
+                + self._cacheWritten
+            )
         if usage.get("cost") is not None:
             self.counts["cost"] = nanocredits(usage["cost"])
 
@@ -198,11 +224,12 @@ def _valueAt(text: bytes, at: int) -> int:
     return at
 
 
-def _hasUsage(text: bytes, start: int, end: int) -> bool:
+def _usageAt(text: bytes, start: int, end: int) -> int:
     """
-    Whether C{text[start:end]} may hold a usage object: a C{"usage"} member
-    whose value is not plainly something else (C{null}, most often).
-    Cheap: a stream that sends C{"usage":null} in every chunk is not parsed.
+    Where in C{text[start:end]} the first member C{"usage"} is whose value
+    may be a usage object (not plainly something else: C{null}, most
+    often), or -1.  Cheap: a stream that sends C{"usage":null} in every
+    chunk is not parsed.
     """
     at = text.find(_USAGE, start, end)
     while at >= 0:
@@ -210,9 +237,26 @@ def _hasUsage(text: bytes, start: int, end: int) -> bool:
         if not text.startswith(b":null", after):
             value = _valueAt(text, after)
             if value >= 0 and text[value : value + 1] in (b"{", b""):
-                return True
+                return at
         at = text.find(_USAGE, after, end)
-    return False
+    return -1
+
+
+def _hasUsage(text: bytes, start: int, end: int) -> bool:
+    return _usageAt(text, start, end) >= 0
+
+
+def _eventStart(text: bytes, at: int) -> int:
+    """
+    Where the event that holds position C{at} of C{text} starts: after the
+    last blank line before it, or at 0.
+    """
+    start = 0
+    for pattern in (b"\n\n", b"\n\r\n", b"\r\r"):
+        found = text.rfind(pattern, 0, at)
+        if found >= 0:
+            start = max(start, found + len(pattern))
+    return start
 
 
 _DECODER = json.JSONDecoder()
@@ -263,6 +307,35 @@ def _modelIn(head: bytes) -> str | None:
     return None
 
 
+class _Tail:
+    """
+    The last bytes of something, in bounded memory: at least the last
+    C{limit} bytes (all, while there are fewer) and at most twice that.
+    Keeping them costs a few list operations a read, and a copy of about
+    1.5 times the bytes over the whole.
+    """
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._pieces: list[bytes] = []
+        self.kept = 0
+
+    def add(self, data: bytes) -> None:
+        if len(data) >= self._limit:
+            self._pieces = [data[-self._limit :]]
+            self.kept = self._limit
+            return
+        self._pieces.append(data)
+        self.kept += len(data)
+        if self.kept > 2 * self._limit:
+            tail = b"".join(self._pieces)[-self._limit :]
+            self._pieces = [tail]
+            self.kept = len(tail)
+
+    def text(self) -> bytes:
+        return b"".join(self._pieces)
+
+
 class _Fragments:
     """
     The head and the tail of something too long to keep whole, held in
@@ -272,30 +345,21 @@ class _Fragments:
 
     def __init__(self, start: bytes):
         self.head = start[:_HEAD]
-        self._pieces = [start[-_TAIL:]]
-        self._kept = len(self._pieces[0])
+        self._tail = _Tail(_TAIL)
+        self._tail.add(start[-_TAIL:])
 
     @property
     def buffered(self) -> int:
-        return len(self.head) + self._kept
+        return len(self.head) + self._tail.kept
 
     def add(self, data: bytes) -> None:
-        if len(data) >= _TAIL:
-            self._pieces = [data[-_TAIL:]]
-            self._kept = _TAIL
-            return
-        self._pieces.append(data)
-        self._kept += len(data)
-        if self._kept > 2 * _TAIL:
-            tail = b"".join(self._pieces)[-_TAIL:]
-            self._pieces = [tail]
-            self._kept = len(tail)
+        self._tail.add(data)
 
     def tellTo(self, found: _Found) -> None:
         """
         Give C{found} the usage in the tail, and then the model in the head.
         """
-        usage = _usageIn(b"".join(self._pieces))
+        usage = _usageIn(self._tail.text())
         if usage is not None:
             found.takeUsage(usage)
             model = _modelIn(self.head)
@@ -344,74 +408,88 @@ class _BodyScanner:
 
 class _EventScanner:
     """
-    A server-sent event stream, scanned incrementally: one search for the
-    last event boundary in each read, one for C{"error"} (until an error was
-    reported) and one for C{"usage"}; JSON is parsed only for the events
-    that may be an error or hold a usage object.  At most L{EVENT_LIMIT}
-    bytes of the current event are kept; a longer one (a Responses
-    C{response.completed} carries the whole output) is kept by its head and
-    tail, which give its usage and model, and is not judged as an error
-    (as L{hermux.streamwatch.StreamWatch} skips it).
+    A server-sent event stream, read by its two ends.  What hermux looks
+    for comes there: the usage in the last events (a chat stream's last
+    chunk, a Responses C{response.completed}, a Messages C{message_delta})
+    and the model and input tokens of a Messages stream in its first
+    (C{message_start}); an error event is the last one OpenRouter sends.
+
+    The stream's first L{_STREAM_HEAD} bytes are read as they come (an
+    early error is reported at once); after that, a read costs a few list
+    operations and no search: only the last L{_STREAM_TAIL} bytes (at most
+    twice that) are kept, and read when the stream ends.  An event longer
+    than that (a Responses C{response.completed} carries the whole output)
+    gives its usage from its tail (L{_usageIn}).
     """
 
     def __init__(self, found: _Found, judge: Callable[[object], bool]):
         self._found = found
         self._judge: Callable[[object], bool] | None = judge
-        self._tail = b""  # the current event, incomplete
-        self._long: _Fragments | None = None  # or the current event, too long
-        self._carry = b""  # with the last two bytes of it
+        self._seen = 0  # bytes of the stream so far
+        self._pending = b""  # in the head: the current event, incomplete
+        self._headRead = 0  # where the events read in the head end, in the stream
+        self._tail = _Tail(_STREAM_TAIL)
 
     @property
     def buffered(self) -> int:
-        if self._long is not None:
-            return self._long.buffered
-        return len(self._tail)
+        return len(self._pending) + self._tail.kept
 
     def feed(self, data: bytes) -> None:
-        if self._long is not None:
-            # A blank line may straddle two reads: look for it in the last
-            # two bytes of the event and what follows.
-            text = self._carry + data
-            end = firstBoundary(text)
-            if end < 0:
-                self._long.add(data)
-                self._carry = text[-2:]
-                return
-            at = max(end - len(self._carry), 0)
-            self._long.add(data[:at])
-            self._long.tellTo(self._found)
-            self._long = None
-            self._carry = b""
-            data = data[at:]
-        text = self._tail + data if self._tail else data
+        if self._seen < _STREAM_HEAD:
+            self._readHead(data[: _STREAM_HEAD - self._seen])
+        self._seen += len(data)
+        self._tail.add(data)
+
+    def _readHead(self, data: bytes) -> None:
+        text = self._pending + data if self._pending else data
         end = lastBoundary(text)
         if end >= 0:
-            if (self._judge is not None and text.find(_ERROR, 0, end) >= 0) or (
-                text.find(_USAGE, 0, end) >= 0 and _hasUsage(text, 0, end)
-            ):
-                self._events(text[:end])
-            rest = text[end:]
-        else:
-            rest = text
-        if len(rest) > EVENT_LIMIT:
-            self._tail = b""
-            self._long = _Fragments(rest)
-            self._carry = rest[-2:]
-        else:
-            self._tail = rest
+            self._readEvents(text, end)
+            self._headRead = self._seen + len(data) - len(text) + end
+            text = text[end:]
+        # Past the head, what matters is in the tail.
+        self._pending = text if self._seen + len(data) < _STREAM_HEAD else b""
+
+    def _readEvents(self, text: bytes, end: int) -> None:
+        """
+        Read the complete events of C{text[:end]}, from the first that may
+        be an error or hold a usage.
+        """
+        first = _usageAt(text, 0, end)
+        if self._judge is not None:
+            error = text.find(_ERROR, 0, end if first < 0 else first)
+            if error >= 0:
+                first = error
+        if first >= 0:
+            self._events(text[_eventStart(text, first) : end])
 
     def finish(self) -> None:
         """
-        The stream ended cleanly: read a last event that had no blank line
-        after it.
+        The stream ended (cleanly or not): read its last events, and a last
+        one that had no blank line after it.
         """
-        if self._long is not None:
-            self._long.tellTo(self._found)
-            self._long = None
-            return
-        tail, self._tail = self._tail, b""
-        if tail and ((self._judge is not None and _ERROR in tail) or _hasUsage(tail, 0, len(tail))):
-            self._events(tail + b"\n\n")
+        self._pending = b""
+        tail = self._tail.text()
+        self._tail = _Tail(_STREAM_TAIL)
+        tailStart = self._seen - len(tail)
+        if self._headRead >= tailStart:
+            # What the head read is in the tail: read on from there.
+            tail = tail[self._headRead - tailStart :]
+        elif tailStart > 0:
+            # The tail starts inside an event: the end of a long one may
+            # hold a usage.
+            start = firstBoundary(tail)
+            partial = tail if start < 0 else tail[:start]
+            if _hasUsage(partial, 0, len(partial)):
+                usage = _usageIn(partial)
+                if usage is not None:
+                    self._found.takeUsage(usage)
+            if start < 0:
+                return
+            tail = tail[start:]
+        if lastBoundary(tail) != len(tail):
+            tail += b"\n\n"
+        self._readEvents(tail, len(tail))
 
     def _events(self, block: bytes) -> None:
         """
@@ -443,7 +521,6 @@ class _EventScanner:
         if judging and self._judge(event):
             self._judge = None
         self._found.take(event)
-
 
 _GZIP = 16 + zlib.MAX_WBITS
 _GZIP_MAGIC = b"\x1f\x8b"

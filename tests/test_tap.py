@@ -336,6 +336,31 @@ class ProbeIntervalOptionTests(SynchronousTestCase):
             )
 
 
+class RetentionOptionTests(SynchronousTestCase):
+    """
+    --retention-days: how many days of usage the state file keeps.
+    """
+
+    def ledger(self, *args):
+        tokens, allow = writeConfiguration(self)
+        options = parseOptions("--tokens", tokens, "--allow", allow, "--state", self.mktemp(), *args)
+        return options, makeService(options).getServiceNamed("ledger")
+
+    def test_default(self):
+        options, ledger = self.ledger()
+        self.assertEqual(options["retention-days"], 400)
+        self.assertEqual(ledger.retentionDays, 400)
+
+    def test_value(self):
+        options, ledger = self.ledger("--retention-days", "30")
+        self.assertEqual(ledger.retentionDays, 30)
+
+    def test_bad(self):
+        inDirectoryWithConfiguration(self)
+        for value in ("0", "-3", "many", "1.5"):
+            self.assertRaises(usage.UsageError, parseOptions, "--retention-days", value)
+
+
 class ServiceTests(SynchronousTestCase):
     def test_pluginIsFound(self):
         """

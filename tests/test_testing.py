@@ -1069,8 +1069,9 @@ class UsageShapeTests(RawFakeTestCase):
             {"input_tokens": prompt - written, "output_tokens": completion,
              "cache_read_input_tokens": 0, "cache_creation_input_tokens": written, "cost": cost},
         )
+        # The prompt's tokens are input_tokens and the cache's, as chat counts them.
         self.assertEqual(self.reportedLast(), ReportedUsage(
-            KEYS[0], "test/model", prompt - written, completion, 0, 0, cost, False))
+            KEYS[0], "test/model", prompt, completion, 0, 0, cost, False))
 
     def test_messagesSSE(self):
         body = shapeBody("messages", stream=True)
@@ -1095,8 +1096,9 @@ class UsageShapeTests(RawFakeTestCase):
         delta = events[-2][1]
         self.assertEqual(delta["delta"]["stop_reason"], "end_turn")
         self.assertEqual((delta["usage"]["output_tokens"], delta["usage"]["cost"]), (completion, cost))
+        # The prompt's tokens are input_tokens and the cache's, as chat counts them.
         self.assertEqual(self.reportedLast(), ReportedUsage(
-            KEYS[0], "test/model", prompt - written, completion, 0, 0, cost, False))
+            KEYS[0], "test/model", prompt, completion, 0, 0, cost, False))
 
     def test_repeatedBodyReadsTheCache(self):
         """

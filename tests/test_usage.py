@@ -251,7 +251,8 @@ MESSAGES_STREAM = sse(
     {"type": "message_stop"},
     name=True,
 )
-MESSAGES = Usage("anthropic/claude-sonnet-4", 26, 12, 0, 300, 456000)
+# input_tokens and the cache's read and written tokens: 26 + 300 + 10.
+MESSAGES = Usage("anthropic/claude-sonnet-4", 336, 12, 0, 300, 456000)
 
 
 def headersOf(contentType: bytes | None = b"text/event-stream", encoding: bytes | None = None) -> Headers:
@@ -499,7 +500,7 @@ class ResponsesAndMessagesTests(SynchronousTestCase):
 
     def test_messagesJSON(self):
         self.assertEqual(read(MESSAGES_JSON, contentType=b"application/json"), Usage(
-            "anthropic/claude-sonnet-4", 25, 12, 0, 300, 456000))
+            "anthropic/claude-sonnet-4", 335, 12, 0, 300, 456000))
 
     def test_messagesStream(self):
         """
@@ -512,7 +513,7 @@ class ResponsesAndMessagesTests(SynchronousTestCase):
 
     def test_messagesStreamWithoutDelta(self):
         stream = MESSAGES_STREAM.split(b"event: message_delta")[0]
-        self.assertEqual(read(stream), Usage("anthropic/claude-sonnet-4", 25, 1, 0, 300, 0))
+        self.assertEqual(read(stream), Usage("anthropic/claude-sonnet-4", 335, 1, 0, 300, 0))
 
 
 class MalformedTests(SynchronousTestCase):
@@ -631,8 +632,8 @@ class OversizedTests(SynchronousTestCase):
             watched = Watched().feed(*pieces)
             watched.feed(*byteByByte(errorEvent() + sse(chatChunk("", "stop", CHAT_USAGE))))
             self.assertLessEqual(watched.mostBuffered, EVENT_LIMIT)
-            self.assertEqual(watched.verdicts, [ERROR])
             self.assertEqual(watched.finish(), CHAT)
+            self.assertEqual(watched.verdicts, [ERROR])
 
     def test_blankLineStraddlesReads(self):
         big = sse(chatChunk(bigText(100_000)))
@@ -645,13 +646,13 @@ class OversizedTests(SynchronousTestCase):
 
     def test_usageNotInTheTail(self):
         """
-        A huge event, read in pieces, whose usage is not near its end gives
-        nothing (and costs nothing); in one read it is parsed whole.
+        A huge event whose usage is not near its end gives nothing (and
+        costs nothing), however it is read.
         """
         event = chatChunk("", "stop", CHAT_USAGE)
         event["extra"] = bigText(100_000)
         self.assertIsNone(read(*inReads(sse(event), 1000)))
-        self.assertEqual(read(sse(event)), CHAT)
+        self.assertIsNone(read(sse(event)))
 
     def test_endlessEvent(self):
         watched = Watched()
@@ -891,11 +892,13 @@ class ErrorTests(SynchronousTestCase):
 
     def test_oversizedErrorIsSkipped(self):
         """
-        As before, an error event longer than the limit is not judged.
+        As before, an error event longer than the limit is not judged; one
+        after it is, when the stream ends.
         """
         watched = Watched().feed(*inReads(errorEvent(message="x" * (2 * EVENT_LIMIT)), 100))
         self.assertEqual(watched.verdicts, [])
         watched.feed(errorEvent())
+        watched.finish()
         self.assertEqual(watched.verdicts, [ERROR])
 
     def test_noErrorsInJSON(self):
