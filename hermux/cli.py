@@ -18,7 +18,7 @@ import json
 import sys
 import time
 
-from hermux.ledger import LedgerError, openReadOnly, readUsage
+from hermux.ledger import LedgerError, TooManyRows, openReadOnly, readUsage
 from hermux.usagereport import UsageQueryError, formatTable, parseUsageQuery, usageReport
 
 # What twistd's hermux plugin uses when --state is not given (hermux.tap).
@@ -79,7 +79,7 @@ def _usage(arguments, out, now: float) -> None:
             rows = readUsage(connection, query.fromDay, query.toDay, query.groupBy)
         finally:
             connection.close()
-    except LedgerError as e:
+    except (LedgerError, TooManyRows) as e:
         raise _Failed(f"hermux usage: {e}")
     except Exception as e:  # sqlite3 errors: a damaged or locked file
         raise _Failed(f"hermux usage: {arguments.state}: cannot read the state file: {e}")

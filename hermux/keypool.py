@@ -42,7 +42,7 @@ import random
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import attr
 from twisted.application.service import Service
@@ -164,10 +164,10 @@ OK = Verdict(Kind.OK)
 ERROR = Verdict(Kind.ERROR)
 
 
-@attr.frozen
-class Use:
+class Use(NamedTuple):
     """
-    What one client request is, for choosing its key and counting it.
+    What one client request is, for choosing its key and counting it.  (A
+    named tuple: one is made for every request.)
 
     @ivar client: the label of the client it is made for (C{"-"}: none).
     @ivar model: the model the request names (C{"-"}: none).
@@ -402,10 +402,11 @@ class Attempt:
     the model the answer named (OpenRouter checked it), else the request's.
     """
 
-    def __init__(self, pool: KeyPool, key: Key, use: Use, day: int):
-        self.key = key
+    def __init__(self, pool: KeyPool, account: _Account, use: Use, day: int):
+        self.key = account.key
         self.use = use
         self._pool = pool
+        self._account = account
         self._day = day
         # The counters, in Counts' order: summed here, made a Counts once.
         self._row = [1, 1 if use.free else 0, 0, 0, 0, 0, 0, 0, 0]
@@ -438,7 +439,9 @@ class Attempt:
         row[6] += usage.reasoningTokens
         row[7] += usage.cachedTokens
         row[8] += usage.cost
-        self._pool._spent(self.key, usage.cost, self._day)
+        pool = self._pool
+        if pool._day == self._day and pool._accounts.get(self.key.name) is self._account:
+            self._account.cost += usage.cost
 
     @property
     def counts(self) -> Counts:
@@ -560,7 +563,7 @@ class KeyPool(Service):
         account.requests += 1
         if free:
             account.freeRequests += 1
-        return Attempt(self, account.key, use, self._day)
+        return Attempt(self, account, use, self._day)
 
     def usableAt(self, now: float | None = None, free: bool | None = None) -> float | None:
         """
@@ -652,11 +655,6 @@ class KeyPool(Service):
         else:
             return False
         return True
-
-    def _spent(self, key: Key, cost: int, day: int) -> None:
-        account = self._account(key, day)
-        if account is not None:
-            account.cost += cost
 
     def seed(self, name: str, *, used: int | None = None, limit: int | None = None) -> None:
         """

@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = ["TTFB_BUCKETS", "Metrics", "statusClass"]
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
 from hermux.keypool import NANOCREDITS, KeyPool, State
@@ -60,6 +60,75 @@ class _KeyCollector:
         return [state, requests, limited, errors]
 
 
+class _UsageCollector:
+    """
+    What the answers said they used, by key and by client, counted in plain
+    integers (a Prometheus counter's inc() takes a lock, and a request
+    would take several) and read at scrape time.  Keys and clients are
+    named by the configuration, never by a client: the series are bounded.
+    """
+
+    def __init__(self):
+        # key -> [prompt, completion, reasoning, cached tokens, nanocredits]
+        self._keys: dict[str, list[int]] = {}
+        # client label -> [requests, nanocredits]
+        self._clients: dict[str, list[int]] = {}
+
+    def count(self, key: str, client: str | None, usage) -> None:
+        """
+        Count one request answered for C{client} (its label, or L{None}),
+        and what its answer said it used (a L{hermux.usage.Usage}, or
+        L{None}) for C{key}.
+        """
+        clientCounts = None
+        if client is not None:
+            clientCounts = self._clients.get(client)
+            if clientCounts is None:
+                clientCounts = self._clients[client] = [0, 0]
+            clientCounts[0] += 1
+        if usage is None:
+            return
+        keyCounts = self._keys.get(key)
+        if keyCounts is None:
+            keyCounts = self._keys[key] = [0, 0, 0, 0, 0]
+        keyCounts[0] += usage.promptTokens
+        keyCounts[1] += usage.completionTokens
+        keyCounts[2] += usage.reasoningTokens
+        keyCounts[3] += usage.cachedTokens
+        keyCounts[4] += usage.cost
+        if clientCounts is not None:
+            clientCounts[1] += usage.cost
+
+    def collect(self):
+        tokens = CounterMetricFamily(
+            "hermux_tokens",
+            "Tokens the upstream's answers said they used, by key and kind "
+            "(prompt, completion, reasoning, cached).",
+            labels=["key", "kind"],
+        )
+        cost = CounterMetricFamily(
+            "hermux_cost", "Credits the upstream's answers said they cost, by key.", labels=["key"]
+        )
+        clientRequests = CounterMetricFamily(
+            "hermux_client_requests",
+            "Client requests answered, by client (its label in allow.txt).",
+            labels=["client"],
+        )
+        clientCost = CounterMetricFamily(
+            "hermux_client_cost",
+            "Credits the upstream's answers said they cost, by client.",
+            labels=["client"],
+        )
+        for key, counts in self._keys.items():
+            for kind, count in zip(_TOKEN_KINDS, counts):
+                tokens.add_metric([key, kind], count)
+            cost.add_metric([key], counts[4] / NANOCREDITS)
+        for client, (requests, nanocredits) in self._clients.items():
+            clientRequests.add_metric([client], requests)
+            clientCost.add_metric([client], nanocredits / NANOCREDITS)
+        return [tokens, cost, clientRequests, clientCost]
+
+
 class Metrics:
     """
     The metrics, in a registry of their own (so that tests and several
@@ -95,31 +164,6 @@ class Metrics:
         self.relayedBytes = Counter(
             "hermux_relayed_bytes", "Response body bytes sent to clients.", registry=self.registry
         )
-        self.tokens = Counter(
-            "hermux_tokens",
-            "Tokens the upstream's answers said they used, by key and kind "
-            "(prompt, completion, reasoning, cached).",
-            ["key", "kind"],
-            registry=self.registry,
-        )
-        self.cost = Counter(
-            "hermux_cost",
-            "Credits the upstream's answers said they cost, by key.",
-            ["key"],
-            registry=self.registry,
-        )
-        self.clientRequests = Counter(
-            "hermux_client_requests",
-            "Client requests answered, by client (its label in allow.txt).",
-            ["client"],
-            registry=self.registry,
-        )
-        self.clientCost = Counter(
-            "hermux_client_cost",
-            "Credits the upstream's answers said they cost, by client.",
-            ["client"],
-            registry=self.registry,
-        )
         self.reloads = Counter(
             "hermux_config_reloads",
             "Configuration reloads, by result (ok or rejected).",
@@ -127,28 +171,8 @@ class Metrics:
             registry=self.registry,
         )
         ProcessCollector(registry=self.registry)
-        # The labelled children of the usage counters, by key and by client
-        # (names from the configuration): labels() costs more than inc().
-        self._keyUsage: dict[str, tuple] = {}
-        self._clientUsage: dict[str, tuple] = {}
-
-    def _ofKey(self, key: str) -> tuple:
-        children = self._keyUsage.get(key)
-        if children is None:
-            children = self._keyUsage[key] = (
-                *(self.tokens.labels(key, kind) for kind in _TOKEN_KINDS),
-                self.cost.labels(key),
-            )
-        return children
-
-    def _ofClient(self, label: str) -> tuple:
-        children = self._clientUsage.get(label)
-        if children is None:
-            children = self._clientUsage[label] = (
-                self.clientRequests.labels(label),
-                self.clientCost.labels(label),
-            )
-        return children
+        self.usage = _UsageCollector()
+        self.registry.register(self.usage)
 
     def watch(self, pool: KeyPool) -> None:
         """
@@ -164,24 +188,7 @@ class Metrics:
         key = record.keyName or "none"
         self.requests.labels(key, statusClass(status)).inc()
         self.relayedBytes.inc(bodyBytes)
-        client = None if record.client is None else self._ofClient(record.client.label)
-        if client is not None:
-            client[0].inc()
-        usage = record.usage
-        if usage is None:
-            return
-        prompt, completion, reasoning, cached, cost = self._ofKey(key)
-        prompt.inc(usage.promptTokens)
-        completion.inc(usage.completionTokens)
-        if usage.reasoningTokens:
-            reasoning.inc(usage.reasoningTokens)
-        if usage.cachedTokens:
-            cached.inc(usage.cachedTokens)
-        if usage.cost:
-            credits = usage.cost / NANOCREDITS
-            cost.inc(credits)
-            if client is not None:
-                client[1].inc(credits)
+        self.usage.count(key, None if record.client is None else record.client.label, record.usage)
 
     def reloaded(self, succeeded: bool) -> None:
         self.reloads.labels("ok" if succeeded else "rejected").inc()

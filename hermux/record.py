@@ -39,44 +39,26 @@ def printable(text: str, limit: int = 128) -> str:
     C{text} (a model id a client sent, say) fit for one log line: at most
     C{limit} characters, anything but printable ASCII shown as C{?}.
     """
-    return _UNPRINTABLE.sub("?", text[:limit])
+    text = text[:limit]
+    if text.isascii() and text.isprintable():
+        return text
+    return _UNPRINTABLE.sub("?", text)
 
 
-def _usageNote(model: str | None, usage) -> str:
-    if model is None or model == "-":
+def _usageNote(model: str, usage) -> str:
+    """
+    What the request log line says of a request's model (shown already
+    L{printable}) and usage.
+    """
+    if model == "-":
         return ""
     if usage is None:
-        return f"; model {printable(model)}, no usage reported"
+        return f"; model {model}, no usage reported"
     return (
-        f"; model {printable(model)}, {usage.promptTokens}+{usage.completionTokens} tokens"
+        f"; model {model}, {usage.promptTokens}+{usage.completionTokens} tokens"
         f" ({usage.reasoningTokens} reasoning, {usage.cachedTokens} cached),"
         f" cost {usage.cost / 10**9:.9f}".rstrip("0").rstrip(".")
     )
-
-
-_NO_USAGE = {
-    "promptTokens": None,
-    "completionTokens": None,
-    "reasoningTokens": None,
-    "cachedTokens": None,
-    "cost": None,
-}
-
-
-def _usageFields(usage) -> dict:
-    """
-    The usage an answer reported, as plain fields of the log event (cost
-    in credits); all L{None} when it reported none.
-    """
-    if usage is None:
-        return _NO_USAGE
-    return {
-        "promptTokens": usage.promptTokens,
-        "completionTokens": usage.completionTokens,
-        "reasoningTokens": usage.reasoningTokens,
-        "cachedTokens": usage.cachedTokens,
-        "cost": usage.cost / 10**9,
-    }
 
 
 def statusOf(request):
@@ -129,6 +111,7 @@ class RequestRecord:
         L{hermux.requestlog.REQUEST_LINE}), now that it is over.
         """
         outcome = self.outcome
+        model = "-" if self.model is None else printable(self.model)
         address = self.clientAddress
         if address is None:
             address = request.getClientAddress()
@@ -144,9 +127,11 @@ class RequestRecord:
             "peer": _addressText(address),
             "outcome": outcome or "complete",
             "outcomeNote": f" ({outcome})" if outcome else "",
-            "model": printable(self.model) if self.model is not None else "-",
-            "usageNote": _usageNote(self.model, self.usage),
-            **_usageFields(self.usage),
+            "model": model,
+            "usageNote": _usageNote(model, self.usage),
+            # Prompt, completion, reasoning and cached tokens and cost (in
+            # nanocredits), or None.
+            "usage": None if self.usage is None else tuple(self.usage)[1:],
         }
 
 

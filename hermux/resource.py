@@ -32,7 +32,7 @@ from hermux.access import AccessList, AuthThrottle, Client
 from hermux.errors import ErrorResource, renderError
 from hermux.hygiene import BadTarget, upstreamTarget
 from hermux.keypool import NANOCREDITS, KeyPool, KeyStatus, dayOf, isoTime
-from hermux.ledger import ILedger
+from hermux.ledger import ILedger, TooManyRows
 from hermux.metrics import Metrics
 from hermux.record import printable, recordOf
 from hermux.relay import Relay
@@ -290,6 +290,8 @@ class UsagePage(_TokenRequired):
         return server.NOT_DONE_YET
 
     def _failed(self, failure, request) -> bytes:
+        if failure.check(TooManyRows):
+            return renderError(request, 400, f"from, to, group_by: {failure.value}")
         self._log.failure("reading the usage ledger failed", failure)
         return renderError(request, 500, "the usage ledger could not be read")
 

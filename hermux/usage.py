@@ -35,9 +35,8 @@ __all__ = [
 import json
 import zlib
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
-from typing import Callable
+from typing import Callable, NamedTuple
 
-import attr
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
@@ -47,6 +46,7 @@ from hermux.streamwatch import EVENT_LIMIT, firstBoundary, lastBoundary, verdict
 BODY_LIMIT = 256 * 1024  # a JSON answer up to this size is kept whole and parsed at its end
 _HEAD = 4 * 1024  # of a longer answer or event: its first bytes, for "model"
 _TAIL = 16 * 1024  # and at least its last bytes, for "usage"
+_MODEL_TEXT = 1024  # the most a model id (quoted, escaped) is read as
 _STREAM_HEAD = 4 * 1024  # of an event stream: the first bytes, read as they come
 _STREAM_TAIL = 4 * 1024  # and at least the last, read at its end
 _STEP = 64 * 1024  # the most a compressed answer expands to in one step
@@ -61,10 +61,10 @@ _MOST_CREDITS = 10**6  # a cost above this, in credits, is nonsense
 _MOST_TOKENS = 10**12  # so is a token count above this
 
 
-@attr.frozen
-class Usage:
+class Usage(NamedTuple):
     """
-    What one answer says it used.
+    What one answer says it used.  (A named tuple: one is made for every
+    answer, and a tuple is made fastest.)
 
     @ivar model: the answer's C{model}, as sent; L{None} if it had none.
     @ivar promptTokens: C{prompt_tokens}, or C{input_tokens} (Responses and
@@ -85,25 +85,6 @@ class Usage:
     reasoningTokens: int = 0
     cachedTokens: int = 0
     cost: int = 0
-
-
-# Where each count is in a usage object: the first path present is taken.
-_COUNTS = (
-    ("promptTokens", (("prompt_tokens",), ("input_tokens",))),
-    ("completionTokens", (("completion_tokens",), ("output_tokens",))),
-    (
-        "reasoningTokens",
-        (("completion_tokens_details", "reasoning_tokens"), ("output_tokens_details", "reasoning_tokens")),
-    ),
-    (
-        "cachedTokens",
-        (
-            ("prompt_tokens_details", "cached_tokens"),
-            ("input_tokens_details", "cached_tokens"),
-            ("cache_read_input_tokens",),
-        ),
-    ),
-)
 
 
 def nanocredits(value) -> int:
@@ -132,17 +113,17 @@ def nanocredits(value) -> int:
 
 
 def _tokens(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MOST_TOKENS:
-        return 0
-    return value
+    # Not a bool (whose type is not int), not negative, not absurd.
+    if type(value) is int and 0 <= value <= _MOST_TOKENS:
+        return value
+    return 0
 
 
-def _at(usage: dict, path: tuple[str, ...]):
-    for name in path:
-        if not isinstance(usage, dict):
-            return None
-        usage = usage.get(name)
-    return usage
+def _detail(details, name: str):
+    """
+    C{details[name]} if C{details} is an object, else L{None}.
+    """
+    return details.get(name) if type(details) is dict else None
 
 
 class _Found:
@@ -178,12 +159,34 @@ class _Found:
                 break
 
     def takeUsage(self, usage: dict) -> None:
-        for name, paths in _COUNTS:
-            for path in paths:
-                value = _at(usage, path)
-                if value is not None:
-                    self.counts[name] = _tokens(value)
-                    break
+        """
+        Take the counts of a usage object, in any of the APIs' names: for
+        each count the first name present (not null) is taken.
+        """
+        counts = self.counts
+        get = usage.get
+        value = get("prompt_tokens")
+        if value is None:
+            value = get("input_tokens")
+        if value is not None:
+            counts["promptTokens"] = _tokens(value)
+        value = get("completion_tokens")
+        if value is None:
+            value = get("output_tokens")
+        if value is not None:
+            counts["completionTokens"] = _tokens(value)
+        value = _detail(get("completion_tokens_details"), "reasoning_tokens")
+        if value is None:
+            value = _detail(get("output_tokens_details"), "reasoning_tokens")
+        if value is not None:
+            counts["reasoningTokens"] = _tokens(value)
+        value = _detail(get("prompt_tokens_details"), "cached_tokens")
+        if value is None:
+            value = _detail(get("input_tokens_details"), "cached_tokens")
+        if value is None:
+            value = get("cache_read_input_tokens")
+        if value is not None:
+            counts["cachedTokens"] = _tokens(value)
         if "cache_creation_input_tokens" in usage:
             self._cacheWritten = _tokens(usage["cache_creation_input_tokens"])
             self._anthropic = True
@@ -300,7 +303,8 @@ def _modelIn(head: bytes) -> str | None:
     while at >= 0:
         value = _valueAt(head, at + len(_MODEL))
         if value >= 0 and head[value : value + 1] == b'"':
-            model = _decodeAt(head, value)
+            # A model id is short: decode no more than it could be.
+            model = _decodeAt(head[: value + _MODEL_TEXT], value)
             if isinstance(model, str):
                 return model
         at = head.find(_MODEL, at + len(_MODEL))
@@ -399,11 +403,15 @@ class _BodyScanner:
             self._long.tellTo(self._found)
             return
         body, self._pieces = b"".join(self._pieces), []
-        try:
-            answer = json.loads(body)
-        except (ValueError, RecursionError):
-            return
-        self._found.take(answer)
+        # Only the usage object and the model are parsed, not the whole
+        # answer: in OpenRouter's answers (chat, completions, Responses,
+        # Messages) the usage comes last and the model first.
+        usage = _usageIn(body)
+        if usage is not None:
+            self._found.takeUsage(usage)
+        model = _modelIn(body[:_HEAD])
+        if model is not None:
+            self._found.model = model
 
 
 class _EventScanner:
@@ -812,7 +820,29 @@ def _quality(params: list[bytes]) -> float:
     return 1.0
 
 
+_chosenEncodings: dict[tuple[bytes, ...], bytes] = {}
+
+
 def upstreamAcceptEncoding(clientValues: list[bytes] | None) -> bytes:
+    """
+    What hermux asks the upstream for, given the client's Accept-Encoding
+    values (see L{_chooseEncoding}); remembered for the few distinct values
+    clients send, at most 256 of them.
+    """
+    if not clientValues:
+        return b"identity"
+    values = tuple(clientValues)
+    chosen = _chosenEncodings.get(values)
+    if chosen is None:
+        chosen = _chooseEncoding(clientValues)
+        if sum(map(len, values)) <= 128:
+            if len(_chosenEncodings) >= 256:
+                _chosenEncodings.clear()
+            _chosenEncodings[values] = chosen
+    return chosen
+
+
+def _chooseEncoding(clientValues: list[bytes] | None) -> bytes:
     """
     The Accept-Encoding hermux sends upstream, given the client's
     C{clientValues} (L{None} if it sent none): the codings the client
@@ -838,8 +868,7 @@ def upstreamAcceptEncoding(clientValues: list[bytes] | None) -> bytes:
     return b", ".join(chosen) if chosen else b"identity"
 
 
-@attr.frozen
-class RequestedModel:
+class RequestedModel(NamedTuple):
     """
     The model a request names.
 

@@ -97,11 +97,7 @@ class LogFieldsTests(SynchronousTestCase):
                 "outcomeNote": "",
                 "model": "-",
                 "usageNote": "",
-                "promptTokens": None,
-                "completionTokens": None,
-                "reasoningTokens": None,
-                "cachedTokens": None,
-                "cost": None,
+                "usage": None,
             },
         )
 
@@ -148,7 +144,7 @@ class LogFieldsTests(SynchronousTestCase):
             "; model openai/gpt-4o, 1234+567 tokens (8 reasoning, 90 cached), cost 0.0123", line
         )
         self.assertEqual(
-            (fields["promptTokens"], fields["completionTokens"], fields["cost"]), (1234, 567, 0.0123)
+            fields["usage"], (1234, 567, 8, 90, 12_300_000)
         )
         record = RequestRecord(model="evil\nmodel\x1b[31m" + "x" * 200)
         fields = record.logFields(request, 0.0)

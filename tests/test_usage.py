@@ -535,8 +535,15 @@ class MalformedTests(SynchronousTestCase):
         self.assertIsNone(read(stream[:-20]))
 
     def test_malformedJSON(self):
+        """
+        Nothing is read from a body that is not JSON or whose usage is cut;
+        only the usage object is parsed, so an answer cut after it still
+        gives it.
+        """
+        self.assertEqual(read(CHAT_JSON[:-1], contentType=b"application/json"), CHAT)
+        cut = CHAT_JSON[: CHAT_JSON.rindex(b'"usage"') + 30]
+        self.assertEqual(read(cut, contentType=b"application/json"), Usage(CHAT.model))
         for body in (
-            CHAT_JSON[:-1],
             b"",
             b"null",
             b"[1, 2, 3]",
