@@ -303,6 +303,10 @@ def _modelIn(head: bytes) -> str | None:
     while at >= 0:
         value = _valueAt(head, at + len(_MODEL))
         if value >= 0 and head[value : value + 1] == b'"':
+            end = head.find(b'"', value + 1)
+            if end >= 0 and head.find(b"\\", value + 1, end) < 0:
+                # No escape in it: the bytes between the quotes are the id.
+                return head[value + 1 : end].decode("utf-8", "replace")
             # A model id is short: decode no more than it could be.
             model = _decodeAt(head[: value + _MODEL_TEXT], value)
             if isinstance(model, str):
@@ -724,11 +728,10 @@ def _coding(headers: Headers) -> bytes | None:
     (C{b"gzip"} or C{b"deflate"}); C{b""} for none; L{None} for any other,
     or for several stacked.
     """
-    codings = [
-        coding.strip().lower()
-        for value in headers.getRawHeaders(b"content-encoding", [])
-        for coding in value.split(b",")
-    ]
+    values = headers.getRawHeaders(b"content-encoding")
+    if not values:
+        return b""
+    codings = [coding.strip().lower() for value in values for coding in value.split(b",")]
     codings = [coding for coding in codings if coding not in (b"", b"identity")]
     if not codings:
         return b""
@@ -909,6 +912,8 @@ def requestedModel(body: bytes, contentType: bytes | None) -> RequestedModel:
     model = parsed.get("model")
     model = model if isinstance(model, str) else None
     models = parsed.get("models")
+    if models is None and model is not None:
+        return RequestedModel(model, model.endswith(_FREE))
     names = [model] if model is not None else []
     if isinstance(models, list):
         names.extend(models)
