@@ -21,7 +21,7 @@ from __future__ import annotations
 
 __all__ = [
     "BODY_LIMIT",
-    "EVENT_LIMIT",
+    "STREAM_LIMIT",
     "AnswerWatch",
     "RequestedModel",
     "Usage",
@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from hermux.keypool import Verdict
-from hermux.streamwatch import EVENT_LIMIT, firstBoundary, lastBoundary, verdictOf
+from hermux.streamwatch import firstBoundary, lastBoundary, verdictOf
 
 BODY_LIMIT = 256 * 1024  # a JSON answer up to this size is kept whole and parsed at its end
 _HEAD = 4 * 1024  # of a longer answer or event: its first bytes, for "model"
@@ -49,6 +49,8 @@ _TAIL = 16 * 1024  # and at least its last bytes, for "usage"
 _MODEL_TEXT = 1024  # the most a model id (quoted, escaped) is read as
 _STREAM_HEAD = 4 * 1024  # of an event stream: the first bytes, read as they come
 _STREAM_TAIL = 4 * 1024  # and at least the last, read at its end
+# The most of an event stream a watch holds at once.
+STREAM_LIMIT = _STREAM_HEAD + 2 * _STREAM_TAIL
 _STEP = 64 * 1024  # the most a compressed answer expands to in one step
 
 _ERROR = b'"error"'
@@ -614,8 +616,10 @@ class AnswerWatch:
     event stream.  Made by L{watchAnswer}.
 
     @ivar buffered: how many bytes of the answer it holds now; bounded
-        (L{EVENT_LIMIT} for an event stream, L{BODY_LIMIT} for a JSON
-        answer) whatever the answer's size.
+        whatever the answer's size: for an event stream, its current event
+        while in its first L{_STREAM_HEAD} bytes and then at most twice
+        L{_STREAM_TAIL}; for a JSON answer, L{BODY_LIMIT} (a longer one by
+        its head and tail).
     """
 
     _log = Logger()

@@ -14,7 +14,8 @@ from twisted.web.http_headers import Headers
 from hermux.config import Key
 from hermux.keypool import ERROR, Kind, State
 from hermux.quota import COOLING_DEFAULT
-from hermux.streamwatch import EVENT_LIMIT, StreamWatch, verdictOf, watchStream
+from hermux.streamwatch import verdictOf
+from hermux.usage import STREAM_LIMIT, watchAnswer
 from tests.harness import ACCESS_TOKEN
 from tests.memory import NOW, MemoryProxy, ScriptedUpstream
 
@@ -63,13 +64,23 @@ PROVIDER_LIMIT = errorEvent(429, {"error_type": "rate_limit_exceeded"}, "Rate li
 
 class Watched:
     """
-    A L{StreamWatch} and what it reported.
+    The watch of an event stream (L{hermux.usage.watchAnswer}) and what it
+    reported.  It reads the stream's first 4 KiB as they come, the rest
+    when the stream ends (L{finish}).
     """
 
-    def __init__(self, limit: int = EVENT_LIMIT):
+    def __init__(self):
         self.verdicts = []
-        self.watch = StreamWatch(self.verdicts.append, lambda: NOW, limit)
+        self.watch = watchAnswer(
+            Headers({b"content-type": [b"text/event-stream"]}),
+            report=self.verdicts.append,
+            now=lambda: NOW,
+        )
         self.mostBuffered = 0
+
+    def finish(self) -> list:
+        self.watch.finish()
+        return self.verdicts
 
     def feed(self, *pieces: bytes) -> list:
         for piece in pieces:
@@ -153,9 +164,10 @@ class ScannerTests(SynchronousTestCase):
             b'data: ["error"]\n\n'
             b'data: ' + b"[" * 100000 + b'"error"\n\n'
         )
-        watched = Watched(limit=200000)
+        watched = Watched()
         self.assertEqual(watched.feed(stream), [])
-        self.assertEqual(watched.feed(errorEvent()), [ERROR])
+        watched.feed(errorEvent())
+        self.assertEqual(watched.finish(), [ERROR])
 
     def test_finishJudgesAnUnterminatedEvent(self):
         watched = Watched()
@@ -177,42 +189,32 @@ class ScannerTests(SynchronousTestCase):
 
     def test_oversizedEventIsSkipped(self):
         """
-        An event longer than the limit is skipped, never held: the watch's
-        buffer stays within the limit, and the events after it are read.
+        An event longer than what the watch keeps is skipped, never held:
+        the watch's buffer stays bounded, and the events after it are read.
         """
-        limit = 1024
-        big = errorEvent(message="x" * (10 * limit))
-        watched = Watched(limit)
+        big = errorEvent(message="x" * (2 * STREAM_LIMIT))
+        watched = Watched()
         pieces = [big[i : i + 100] for i in range(0, len(big), 100)]
         self.assertEqual(watched.feed(*pieces), [])
-        self.assertLessEqual(watched.mostBuffered, limit)
-        self.assertEqual(watched.feed(*byteByByte(CHUNK + errorEvent())), [ERROR])
-        self.assertLessEqual(watched.mostBuffered, limit)
+        self.assertLessEqual(watched.mostBuffered, STREAM_LIMIT)
+        watched.feed(*byteByByte(CHUNK + errorEvent()))
+        self.assertEqual(watched.finish(), [ERROR])
+        self.assertLessEqual(watched.mostBuffered, STREAM_LIMIT)
 
     def test_oversizedInOneRead(self):
-        limit = 1024
-        watched = Watched(limit)
-        watched.feed(b"data: " + b"y" * (5 * limit))
-        self.assertLessEqual(watched.mostBuffered, limit)
-        self.assertEqual(watched.feed(b"\r\n", b"\r\n" + errorEvent()), [ERROR])
+        watched = Watched()
+        watched.feed(b"data: " + b"y" * (5 * STREAM_LIMIT))
+        self.assertLessEqual(watched.mostBuffered, STREAM_LIMIT)
+        watched.feed(b"\r\n", b"\r\n" + errorEvent())
+        self.assertEqual(watched.finish(), [ERROR])
 
     def test_endlessStreamWithoutBlankLines(self):
         watched = Watched()
         for _ in range(100):
             watched.feed(b"data: " + b"z" * 10000 + b"\n")
-        self.assertLessEqual(watched.mostBuffered, EVENT_LIMIT)
-        self.assertEqual(watched.verdicts, [])
+        self.assertLessEqual(watched.mostBuffered, STREAM_LIMIT)
+        self.assertEqual(watched.finish(), [])
 
-    def test_watchStreamOnlyForEventStreams(self):
-        def watch(**headers):
-            raw = {k.replace("_", "-").encode(): [v.encode()] for k, v in headers.items()}
-            return watchStream(Headers(raw), lambda v: None, lambda: NOW)
-
-        self.assertIsInstance(watch(content_type="text/event-stream"), StreamWatch)
-        self.assertIsInstance(watch(content_type="Text/Event-Stream; charset=utf-8"), StreamWatch)
-        self.assertIsNone(watch(content_type="application/json"))
-        self.assertIsNone(watch())
-        self.assertIsNone(watch(content_type="text/event-stream", content_encoding="gzip"))
 
 
 class VerdictTests(SynchronousTestCase):

@@ -17,10 +17,10 @@ from twisted.web.http_headers import Headers
 
 import hermux.usage
 from hermux.keypool import ERROR, Kind
-from hermux.streamwatch import StreamWatch
+from hermux.streamwatch import verdictOf
 from hermux.usage import (
     BODY_LIMIT,
-    EVENT_LIMIT,
+    STREAM_LIMIT,
     AnswerWatch,
     RequestedModel,
     Usage,
@@ -622,10 +622,10 @@ class OversizedTests(SynchronousTestCase):
         many.
         """
         stream = responsesStream(bigText(1_000_000))
-        self.assertGreater(len(stream), 20 * EVENT_LIMIT)
+        self.assertGreater(len(stream), 20 * STREAM_LIMIT)
         for pieces in ([stream], inReads(stream, 16384), inReads(stream, 1000), oddSplits(stream)):
             watched = Watched().feed(*pieces)
-            self.assertLessEqual(watched.mostBuffered, EVENT_LIMIT)
+            self.assertLessEqual(watched.mostBuffered, STREAM_LIMIT)
             self.assertEqual(watched.finish(), RESPONSES)
 
     def test_hugeEventWithoutBlankLine(self):
@@ -638,7 +638,7 @@ class OversizedTests(SynchronousTestCase):
         for pieces in (inReads(stream, 999), [stream]):
             watched = Watched().feed(*pieces)
             watched.feed(*byteByByte(errorEvent() + sse(chatChunk("", "stop", CHAT_USAGE))))
-            self.assertLessEqual(watched.mostBuffered, EVENT_LIMIT)
+            self.assertLessEqual(watched.mostBuffered, STREAM_LIMIT)
             self.assertEqual(watched.finish(), CHAT)
             self.assertEqual(watched.verdicts, [ERROR])
 
@@ -665,7 +665,7 @@ class OversizedTests(SynchronousTestCase):
         watched = Watched()
         for _ in range(300):
             watched.feed(b"data: " + b"z" * 10000 + b"\n")
-        self.assertLessEqual(watched.mostBuffered, EVENT_LIMIT)
+        self.assertLessEqual(watched.mostBuffered, STREAM_LIMIT)
         self.assertIsNone(watched.finish())
 
     def test_hugeJSONAnswer(self):
@@ -802,7 +802,7 @@ class CompressedTests(SynchronousTestCase):
         """
         reads = self.bomb(200 << 20)
         self.assertLess(sum(map(len, reads)), 300_000)
-        for contentType, bound in ((b"application/json", BODY_LIMIT), (b"text/event-stream", EVENT_LIMIT)):
+        for contentType, bound in ((b"application/json", BODY_LIMIT), (b"text/event-stream", STREAM_LIMIT)):
             watched = Watched(contentType, b"gzip").feed(*reads)
             self.assertLessEqual(watched.mostBuffered, bound)
             self.assertIsNone(watched.finish())
@@ -831,28 +831,29 @@ class ErrorTests(SynchronousTestCase):
     Mid-stream errors are judged as L{hermux.streamwatch} judges them, once.
     """
 
-    def streamWatched(self, *pieces: bytes) -> list:
-        verdicts: list = []
-        watch = StreamWatch(verdicts.append, lambda: NOW)
-        for piece in pieces:
-            watch.dataReceived(piece)
-        watch.finish()
-        return verdicts
-
-    def test_sameVerdictsAsStreamWatch(self):
+    def test_verdictsAsQuotaJudges(self):
+        """
+        The first error event of a stream is judged as
+        L{hermux.streamwatch.verdictOf} judges it, however the stream is
+        split; other events, comments and malformed events are not.
+        """
         chunk = sse(chatChunk("a"))
-        for stream in (
-            chunk * 3 + errorEvent(),
-            chunk + errorEvent(502),
-            chunk + PLATFORM_LIMIT + errorEvent(),
-            chunk + PROVIDER_LIMIT,
-            chunk + b'data: {"error": null}\n\n' + b'data: {"error": {"code": 500}\n\n',
-            chunk + errorEvent().rstrip(b"\n"),
-            chunk + errorEvent().replace(b"\n", b"\r\n"),
-            b': {"error": {"code": 500}}\n\n' + chunk,
-            CHAT_STREAM,
+
+        def verdictOfEvent(event: bytes):
+            return verdictOf(json.loads(event[len(b"data: ") :]), NOW)
+
+        for stream, expected in (
+            (chunk * 3 + errorEvent(), [ERROR]),
+            (chunk + errorEvent(502), [ERROR]),
+            (chunk + PLATFORM_LIMIT + errorEvent(), [verdictOfEvent(PLATFORM_LIMIT)]),
+            (chunk + PROVIDER_LIMIT, [verdictOfEvent(PROVIDER_LIMIT)]),
+            (chunk + b'data: {"error": null}\n\n' + b'data: {"error": {"code": 500}\n\n', []),
+            (chunk + errorEvent().rstrip(b"\n"), [ERROR]),
+            (chunk + errorEvent().replace(b"\n", b"\r\n"), [ERROR]),
+            (b': {"error": {"code": 500}}\n\n' + chunk, []),
+            (CHAT_STREAM, []),
         ):
-            expected = self.streamWatched(stream)
+            self.assertNotIn(None, expected)
             for pieces in ([stream], byteByByte(stream), oddSplits(stream)):
                 watched = Watched().feed(*pieces)
                 watched.finish()
@@ -902,7 +903,7 @@ class ErrorTests(SynchronousTestCase):
         As before, an error event longer than the limit is not judged; one
         after it is, when the stream ends.
         """
-        watched = Watched().feed(*inReads(errorEvent(message="x" * (2 * EVENT_LIMIT)), 100))
+        watched = Watched().feed(*inReads(errorEvent(message="x" * (2 * STREAM_LIMIT)), 100))
         self.assertEqual(watched.verdicts, [])
         watched.feed(errorEvent())
         watched.finish()
