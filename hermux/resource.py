@@ -36,7 +36,7 @@ from hermux.ledger import ILedger, TooManyRows
 from hermux.metrics import Metrics
 from hermux.record import printable, recordOf
 from hermux.relay import Relay
-from hermux.usagereport import UsageQueryError, parseUsageQuery, usageReport
+from hermux.usagereport import UsageQueryError, parseUsageQuery, reportBody
 
 _NOT_FOUND = ErrorResource(
     404,
@@ -215,9 +215,13 @@ def _readOnly(request) -> bytes | None:
     return None
 
 
-def _json(request, payload) -> bytes:
+def _jsonHeaders(request) -> None:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
+
+
+def _json(request, payload) -> bytes:
+    _jsonHeaders(request)
     return json.dumps(payload).encode("utf-8")
 
 
@@ -284,10 +288,14 @@ class UsagePage(_TokenRequired):
         finished = []
         request.notifyFinish().addBoth(finished.append)
         d = self._ledger.usage(query.fromDay, query.toDay, query.groupBy)
-        d.addCallback(lambda rows: _json(request, usageReport(query, rows)))
+        d.addCallback(self._body, request, query)
         d.addErrback(self._failed, request)
         d.addCallback(self._answer, request, finished)
         return server.NOT_DONE_YET
+
+    def _body(self, rows, request, query) -> bytes:
+        _jsonHeaders(request)
+        return reportBody(query, rows)
 
     def _failed(self, failure, request) -> bytes:
         if failure.check(TooManyRows):

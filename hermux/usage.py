@@ -48,7 +48,7 @@ _HEAD = 4 * 1024  # of a longer answer or event: its first bytes, for "model"
 _TAIL = 16 * 1024  # and at least its last bytes, for "usage"
 _MODEL_TEXT = 1024  # the most a model id (quoted, escaped) is read as
 _STREAM_HEAD = 4 * 1024  # of an event stream: the first bytes, read as they come
-_STREAM_TAIL = 4 * 1024  # and at least the last, read at its end
+_STREAM_TAIL = 2 * 1024  # and at least the last, read at its end
 # The most of an event stream a watch holds at once.
 STREAM_LIMIT = _STREAM_HEAD + 2 * _STREAM_TAIL
 _STEP = 64 * 1024  # the most a compressed answer expands to in one step

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hermux.ledger import Counts, UsageRow, dayNumber
 from hermux.usagereport import (
+    reportBody,
     MAX_DAYS,
     UsageQuery,
     UsageQueryError,
@@ -205,6 +206,37 @@ class UsageReportTests(SynchronousTestCase):
         report = usageReport(QUERY, [])
         self.assertEqual(report["rows"], [])
         self.assertEqual(set(report["totals"].values()), {0})
+
+
+class ReportBodyTests(SynchronousTestCase):
+    """
+    L{reportBody}, the body of GET /hermux/usage, is L{usageReport} as JSON,
+    however it is grouped: rows from a template, the rest from json.dumps.
+    """
+
+    def assertSameAsReport(self, query, rows):
+        body = reportBody(query, rows)
+        self.assertEqual(json.loads(body), json.loads(json.dumps(usageReport(query, rows))))
+
+    def test_groupings(self):
+        rows = [
+            UsageRow(("2026-12-01", "alice", "caf\u00e9 \"client\"", "m:free"), Counts(3, 3, 1, 0, 10, 5, 0, 2, 0)),
+            UsageRow(("2026-11-30", "bob", "c\\2", "openai/gpt-4o"), Counts(1, 0, 0, 1, 7, 9, 3, 0, 1_230_000)),
+        ]
+        day = dayNumber("2026-12-01")
+        for groupBy in (("day", "key", "client", "model"), ("client",), ()):
+            width = len(groupBy)
+            grouped = [UsageRow(row.group[:width], row.counts) for row in rows] if width else [
+                UsageRow((), rows[0].counts + rows[1].counts)
+            ]
+            self.assertSameAsReport(UsageQuery(day - 1, day, groupBy), grouped)
+
+    def test_noRows(self):
+        self.assertSameAsReport(UsageQuery(1, 2, ("day", "key")), [])
+
+    def test_costIsCredits(self):
+        body = reportBody(UsageQuery(1, 1, ("key",)), [UsageRow(("a",), Counts(cost=12_345))])
+        self.assertEqual(json.loads(body)["rows"][0]["cost"], 0.000012345)
 
 
 class FormatTableTests(SynchronousTestCase):
