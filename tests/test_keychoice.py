@@ -11,7 +11,6 @@ import json
 import random
 from collections import Counter
 
-import attr
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -29,26 +28,13 @@ from hermux.keypool import (
 )
 from hermux.ledger import Counts, MemoryLedger
 from hermux.quota import classify
+from hermux.usage import Usage
 
 DAY = 20418
 MORNING = DAY * SECONDS_PER_DAY + 10 * 3600.0
 FREE = Use(client="team", model="meta/llama:free", free=True)
 PAID = Use(client="team", model="openai/gpt-4o", free=False)
 NEITHER = Use(client="team")
-
-
-@attr.frozen
-class FakeUsage:
-    """
-    What L{hermux.usage.Usage} gives a pool's attempt.
-    """
-
-    model: str | None = None
-    promptTokens: int = 0
-    completionTokens: int = 0
-    reasoningTokens: int = 0
-    cachedTokens: int = 0
-    cost: int = 0
 
 
 def credits(amount: float) -> int:
@@ -83,7 +69,7 @@ class ChoiceTests(SynchronousTestCase):
         return the name of the key that served it.
         """
         attempt = pool.acquire(use=use)
-        attempt.charge(FakeUsage(cost=cost))
+        attempt.charge(Usage(cost=cost))
         attempt.close()
         return attempt.key.name
 
@@ -105,7 +91,7 @@ class ChoiceTests(SynchronousTestCase):
         """
         pool = self.pool([Key("a", "sk-a"), Key("b", "sk-b"), Key("c", "sk-c")])
         attempt = pool.acquire(exclude={"b", "c"}, use=PAID)
-        attempt.charge(FakeUsage(cost=credits(0.5)))
+        attempt.charge(Usage(cost=credits(0.5)))
         attempt.close()
         for _ in range(3):
             pool.acquire(exclude={"a", "c"}, use=FREE).close()
@@ -116,7 +102,7 @@ class ChoiceTests(SynchronousTestCase):
     def test_requestsWithoutAModelGoToTheFewestRequests(self):
         pool = self.pool([Key("a", "sk-a"), Key("b", "sk-b")])
         attempt = pool.acquire(exclude={"b"}, use=PAID)
-        attempt.charge(FakeUsage(cost=credits(3)))
+        attempt.charge(Usage(cost=credits(3)))
         attempt.close()
         self.assertEqual(self.serve(pool, NEITHER), "b")
 
@@ -235,7 +221,7 @@ class ChoiceTests(SynchronousTestCase):
         """
         pool = self.pool([Key("a", "sk-a")])
         attempt = pool.acquire(use=Use(client="team", model="openrouter/auto", free=False))
-        attempt.charge(FakeUsage(
+        attempt.charge(Usage(
             model="anthropic/claude-x", promptTokens=10, completionTokens=5,
             reasoningTokens=2, cachedTokens=3, cost=credits(0.25),
         ))
@@ -273,10 +259,10 @@ class ChoiceTests(SynchronousTestCase):
         """
         pool = self.pool([Key("a", "sk-a", dailyLimit=1), Key("b", "sk-b")])
         attempt = pool.acquire(exclude={"b"}, use=FREE)
-        attempt.charge(FakeUsage(cost=0))
+        attempt.charge(Usage(cost=0))
         attempt.close()
         attempt = pool.acquire(exclude={"a"}, use=PAID)
-        attempt.charge(FakeUsage(cost=credits(2)))
+        attempt.charge(Usage(cost=credits(2)))
         attempt.close()
         restarted = self.pool([Key("a", "sk-a", dailyLimit=1), Key("b", "sk-b")])
         [a, b] = restarted.statuses()
@@ -289,7 +275,7 @@ class ChoiceTests(SynchronousTestCase):
         pool = self.pool([Key("a", "sk-a")])
         attempt = pool.acquire(use=PAID)
         self.clock.advance(SECONDS_PER_DAY)
-        attempt.charge(FakeUsage(cost=credits(1)))
+        attempt.charge(Usage(cost=credits(1)))
         attempt.close()
         self.assertEqual(pool.statuses()[0].costToday, 0)
         self.assertEqual(self.ledger.keyUsage(DAY)["a"].cost, credits(1))

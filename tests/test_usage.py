@@ -29,39 +29,9 @@ from hermux.usage import (
     upstreamAcceptEncoding,
     watchAnswer,
 )
-NOW = 1_800_000_000.0
-RESET = NOW + 40  # when a key's platform rate limit ends
+# The error events of the stream watch's own tests, and their time.
+from tests.test_streamwatch import NOW, PLATFORM_LIMIT, PROVIDER_LIMIT, RESET, errorEvent
 
-
-def errorEvent(code="server_error", metadata=None, message="Provider disconnected unexpectedly") -> bytes:
-    """
-    An SSE event as OpenRouter sends an error after the first byte.
-    """
-    error = {"code": code, "message": message}
-    if metadata is not None:
-        error["metadata"] = metadata
-    event = {
-        "id": "cmpl-abc",
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": "openai/gpt-4o",
-        "provider": "openai",
-        "error": error,
-        "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
-    }
-    return b"data: " + json.dumps(event).encode() + b"\n\n"
-
-
-PLATFORM_LIMIT = errorEvent(
-    429,
-    {
-        "error_type": "rate_limit_exceeded",
-        "headers": {"X-RateLimit-Limit": "20", "X-RateLimit-Remaining": "0",
-                    "X-RateLimit-Reset": str(int(RESET * 1000))},
-    },
-    "Rate limit exceeded: free-models-per-min.",
-)
-PROVIDER_LIMIT = errorEvent(429, {"error_type": "rate_limit_exceeded"}, "Rate limited upstream")
 
 MODEL = "openai/gpt-4o-2024-11-20"
 
