@@ -10,7 +10,15 @@ cookies never go upstream; the upstream's cookies never reach a client.
 
 from __future__ import annotations
 
-__all__ = ["BadTarget", "originForm", "upstreamHeaders", "copyResponseHeaders", "upstreamTarget"]
+__all__ = [
+    "BadTarget",
+    "DECODABLE_CODINGS",
+    "originForm",
+    "upstreamAcceptEncoding",
+    "upstreamHeaders",
+    "copyResponseHeaders",
+    "upstreamTarget",
+]
 
 import re
 from urllib.parse import unquote_to_bytes
@@ -31,8 +39,9 @@ HOP_BY_HOP = frozenset(
 
 # Content-Length and Expect are about the client's connection too: the body
 # is already buffered, and the upstream request states its own length.
+# Accept-Encoding is hermux's own choice (upstreamAcceptEncoding).
 _CLIENT_ONLY = frozenset(
-    {b"host", b"authorization", b"cookie", b"content-length", b"expect"}
+    {b"host", b"authorization", b"cookie", b"content-length", b"expect", b"accept-encoding"}
 )
 _UPSTREAM_ONLY = frozenset({b"set-cookie"})
 
@@ -77,12 +86,16 @@ def upstreamHeaders(clientHeaders: Headers, keyToken: bytes) -> Headers:
     """
     The headers to send upstream for a client's request: the client's
     end-to-end headers, less its credentials and cookies, with the upstream
-    key as the only credential.
+    key as the only credential, and asking only for content codings hermux
+    can read (L{upstreamAcceptEncoding}).
     """
     headers = Headers()
     for name, values in _passing(clientHeaders, _CLIENT_ONLY):
         headers.setRawHeaders(name, values)
     headers.setRawHeaders(b"Authorization", [b"Bearer " + keyToken])
+    headers.setRawHeaders(
+        b"Accept-Encoding", [upstreamAcceptEncoding(clientHeaders.getRawHeaders(b"accept-encoding"))]
+    )
     return headers
 
 
@@ -148,3 +161,76 @@ def upstreamTarget(prefix: bytes, uri: bytes) -> bytes:
                 "the path contains an encoded slash, backslash or control character"
             )
     return prefix + uri
+
+
+# hermux asks the upstream only for codings it can read on the side with the
+# standard library: zlib decodes gzip and deflate, in bounded steps, as the
+# answer passes.  br and zstd would need libraries outside the standard one,
+# and an answer in them could not be read: its usage would go uncounted.
+# The client still gets the answer as the upstream encoded it.  (The names
+# of each coding, as hermux.usage decodes them.)
+DECODABLE_CODINGS = {b"gzip": b"gzip", b"x-gzip": b"gzip", b"deflate": b"deflate"}
+
+
+def _quality(params: list[bytes]) -> float:
+    """
+    The q value among an Accept-Encoding entry's parameters (1 if none);
+    0 if it is not a number from 0 to 1.
+    """
+    for param in params:
+        name, _, value = param.partition(b"=")
+        if name.strip().lower() == b"q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                return 0.0
+            return q if 0 < q <= 1 else 0.0
+    return 1.0
+
+
+_chosenEncodings: dict[tuple[bytes, ...], bytes] = {}
+
+
+def upstreamAcceptEncoding(clientValues: list[bytes] | None) -> bytes:
+    """
+    What hermux asks the upstream for, given the client's Accept-Encoding
+    values (see L{_chooseEncoding}); remembered for the few distinct values
+    clients send, at most 256 of them.
+    """
+    if not clientValues:
+        return b"identity"
+    values = tuple(clientValues)
+    chosen = _chosenEncodings.get(values)
+    if chosen is None:
+        chosen = _chooseEncoding(clientValues)
+        if sum(map(len, values)) <= 128:
+            if len(_chosenEncodings) >= 256:
+                _chosenEncodings.clear()
+            _chosenEncodings[values] = chosen
+    return chosen
+
+
+def _chooseEncoding(clientValues: list[bytes] | None) -> bytes:
+    """
+    The Accept-Encoding hermux sends upstream, given the client's
+    C{clientValues} (L{None} if it sent none): the codings the client
+    accepts (q > 0, named or by C{*}) among gzip and deflate, in the
+    client's order, or C{b"identity"}.
+    """
+    accepted: dict[bytes, bool] = {}  # coding -> accepted, in the client's order
+    star = None
+    for value in clientValues or ():
+        for entry in value.split(b","):
+            name, *params = entry.split(b";")
+            name = name.strip().lower()
+            q = _quality(params)
+            if name == b"*":
+                if star is None:
+                    star = q > 0
+            elif name in DECODABLE_CODINGS:
+                accepted.setdefault(DECODABLE_CODINGS[name], q > 0)
+    if star:
+        for coding in (b"gzip", b"deflate"):
+            accepted.setdefault(coding, True)
+    chosen = [coding for coding, yes in accepted.items() if yes]
+    return b", ".join(chosen) if chosen else b"identity"

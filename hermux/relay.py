@@ -48,7 +48,7 @@ from hermux.metrics import Metrics
 from hermux.quota import KEY_STATUSES, classify
 from hermux.record import recordOf
 from hermux.upstream import Upstream
-from hermux.usage import decodedBody, requestedModel, upstreamAcceptEncoding, watchAnswer
+from hermux.usage import decodedBody, requestedModel, watchAnswer
 
 
 @implementer(IBodyProducer)
@@ -495,10 +495,6 @@ class _Exchange:
         """
         request = self._request
         headers = upstreamHeaders(request.requestHeaders, key.token.encode("ascii"))
-        headers.setRawHeaders(
-            b"accept-encoding",
-            [upstreamAcceptEncoding(request.requestHeaders.getRawHeaders(b"accept-encoding"))],
-        )
         body = _requestBody(request)
         try:
             pending = self._relay.upstream.request(request.method, self._target, headers, body)

@@ -28,7 +28,6 @@ __all__ = [
     "decodedBody",
     "nanocredits",
     "requestedModel",
-    "upstreamAcceptEncoding",
     "watchAnswer",
 ]
 
@@ -40,6 +39,7 @@ from typing import Callable, NamedTuple
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from hermux.hygiene import DECODABLE_CODINGS
 from hermux.keypool import Verdict
 from hermux.streamwatch import firstBoundary, lastBoundary, verdictOf
 
@@ -741,7 +741,7 @@ def _coding(headers: Headers) -> bytes | None:
         return b""
     if len(codings) > 1:
         return None
-    return {b"gzip": b"gzip", b"x-gzip": b"gzip", b"deflate": b"deflate"}.get(codings[0])
+    return DECODABLE_CODINGS.get(codings[0])
 
 
 class _Full(Exception):
@@ -801,78 +801,6 @@ def watchAnswer(
     if _isJSON(mediaType):
         return AnswerWatch("body", coding)
     return AnswerWatch()
-
-
-# hermux asks the upstream only for codings it can read on the side with the
-# standard library: zlib decodes gzip and deflate, in bounded steps, as the
-# answer passes.  br and zstd would need libraries outside the standard one,
-# and an answer in them could not be read: its usage would go uncounted.
-# The client still gets the answer as the upstream encoded it.
-_DECODABLE = {b"gzip": b"gzip", b"x-gzip": b"gzip", b"deflate": b"deflate"}
-
-
-def _quality(params: list[bytes]) -> float:
-    """
-    The q value among an Accept-Encoding entry's parameters (1 if none);
-    0 if it is not a number from 0 to 1.
-    """
-    for param in params:
-        name, _, value = param.partition(b"=")
-        if name.strip().lower() == b"q":
-            try:
-                q = float(value.strip())
-            except ValueError:
-                return 0.0
-            return q if 0 < q <= 1 else 0.0
-    return 1.0
-
-
-_chosenEncodings: dict[tuple[bytes, ...], bytes] = {}
-
-
-def upstreamAcceptEncoding(clientValues: list[bytes] | None) -> bytes:
-    """
-    What hermux asks the upstream for, given the client's Accept-Encoding
-    values (see L{_chooseEncoding}); remembered for the few distinct values
-    clients send, at most 256 of them.
-    """
-    if not clientValues:
-        return b"identity"
-    values = tuple(clientValues)
-    chosen = _chosenEncodings.get(values)
-    if chosen is None:
-        chosen = _chooseEncoding(clientValues)
-        if sum(map(len, values)) <= 128:
-            if len(_chosenEncodings) >= 256:
-                _chosenEncodings.clear()
-            _chosenEncodings[values] = chosen
-    return chosen
-
-
-def _chooseEncoding(clientValues: list[bytes] | None) -> bytes:
-    """
-    The Accept-Encoding hermux sends upstream, given the client's
-    C{clientValues} (L{None} if it sent none): the codings the client
-    accepts (q > 0, named or by C{*}) among gzip and deflate, in the
-    client's order, or C{b"identity"}.
-    """
-    accepted: dict[bytes, bool] = {}  # coding -> accepted, in the client's order
-    star = None
-    for value in clientValues or ():
-        for entry in value.split(b","):
-            name, *params = entry.split(b";")
-            name = name.strip().lower()
-            q = _quality(params)
-            if name == b"*":
-                if star is None:
-                    star = q > 0
-            elif name in _DECODABLE:
-                accepted.setdefault(_DECODABLE[name], q > 0)
-    if star:
-        for coding in (b"gzip", b"deflate"):
-            accepted.setdefault(coding, True)
-    chosen = [coding for coding, yes in accepted.items() if yes]
-    return b", ".join(chosen) if chosen else b"identity"
 
 
 class RequestedModel(NamedTuple):

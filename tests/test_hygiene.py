@@ -35,6 +35,10 @@ def allBytes(headers: Headers) -> bytes:
     )
 
 
+# The headers hermux itself sets upstream.
+HERMUX_ADDS = {b"authorization", b"accept-encoding"}
+
+
 def lowerNames(headers: Headers) -> set[bytes]:
     return {name.lower() for name, _ in headers.getAllRawHeaders()}
 
@@ -89,13 +93,26 @@ class UpstreamHeadersTests(SynchronousTestCase):
             b"HTTP-Referer": [b"https://example.com/app"],
             b"X-Title": [b"My App"],
             b"Accept": [b"text/event-stream", b"application/json"],
-            b"Accept-Encoding": [b"gzip, br"],
             b"User-Agent": [b"OpenAI/Python 1.30.0"],
             b"X-Custom": [b"one", b"two", b"three"],
         }
         headers = upstreamHeaders(Headers(passing), KEY)
         for name, values in passing.items():
             self.assertEqual(headers.getRawHeaders(name), values, name)
+
+    def test_acceptEncodingIsHermuxsChoice(self):
+        """
+        Accept-Encoding upstream names only the codings hermux can read on
+        the side that the client accepts, else identity (see
+        L{hermux.hygiene.upstreamAcceptEncoding}).
+        """
+        for client, upstream in [
+            ([b"gzip, br"], [b"gzip"]),
+            ([b"br, zstd"], [b"identity"]),
+            (None, [b"identity"]),
+        ]:
+            headers = Headers({} if client is None else {b"Accept-Encoding": client})
+            self.assertEqual(upstreamHeaders(headers, KEY).getRawHeaders(b"accept-encoding"), upstream)
 
     def test_dropsHopByHop(self):
         """
@@ -113,7 +130,7 @@ class UpstreamHeadersTests(SynchronousTestCase):
         client = Headers({name: [b"x"] for name in hopByHop})
         client.setRawHeaders(b"Content-Type", [b"application/json"])
         headers = upstreamHeaders(client, KEY)
-        self.assertEqual(lowerNames(headers), {b"content-type", b"authorization"})
+        self.assertEqual(lowerNames(headers), {b"content-type"} | HERMUX_ADDS)
 
     def test_dropsAnyProxyHeader(self):
         """
@@ -128,7 +145,7 @@ class UpstreamHeadersTests(SynchronousTestCase):
                 b"Proxy-Connection": [b"keep-alive"],
             }
         )
-        self.assertEqual(lowerNames(upstreamHeaders(client, KEY)), {b"authorization"})
+        self.assertEqual(lowerNames(upstreamHeaders(client, KEY)), HERMUX_ADDS)
 
     def test_dropsConnectionNamed(self):
         """
@@ -144,7 +161,7 @@ class UpstreamHeadersTests(SynchronousTestCase):
             }
         )
         headers = upstreamHeaders(client, KEY)
-        self.assertEqual(lowerNames(headers), {b"x-kept", b"authorization"})
+        self.assertEqual(lowerNames(headers), {b"x-kept"} | HERMUX_ADDS)
 
     def test_dropsClientOnly(self):
         """
@@ -161,7 +178,7 @@ class UpstreamHeadersTests(SynchronousTestCase):
             }
         )
         headers = upstreamHeaders(client, KEY)
-        self.assertEqual(lowerNames(headers), {b"accept", b"authorization"})
+        self.assertEqual(lowerNames(headers), {b"accept"} | HERMUX_ADDS)
         self.assertNotIn(CLIENT_SECRET, allBytes(headers))
 
     def test_connectionCannotDropKey(self):
@@ -208,6 +225,20 @@ class CopyResponseHeadersTests(SynchronousTestCase):
         copyResponseHeaders(Headers(copied), client)
         for name, values in copied.items():
             self.assertEqual(client.getRawHeaders(name), values, name)
+
+    def test_acceptEncodingIsHermuxsChoice(self):
+        """
+        Accept-Encoding upstream names only the codings hermux can read on
+        the side that the client accepts, else identity (see
+        L{hermux.hygiene.upstreamAcceptEncoding}).
+        """
+        for client, upstream in [
+            ([b"gzip, br"], [b"gzip"]),
+            ([b"br, zstd"], [b"identity"]),
+            (None, [b"identity"]),
+        ]:
+            headers = Headers({} if client is None else {b"Accept-Encoding": client})
+            self.assertEqual(upstreamHeaders(headers, KEY).getRawHeaders(b"accept-encoding"), upstream)
 
     def test_dropsHopByHop(self):
         """

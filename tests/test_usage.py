@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 import hermux.usage
+from hermux.hygiene import upstreamAcceptEncoding
 from hermux.keypool import ERROR, Kind
 from hermux.streamwatch import verdictOf
 from hermux.usage import (
@@ -26,7 +27,6 @@ from hermux.usage import (
     Usage,
     nanocredits,
     requestedModel,
-    upstreamAcceptEncoding,
     watchAnswer,
 )
 # The error events of the stream watch's own tests, and their time.
