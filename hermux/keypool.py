@@ -586,18 +586,6 @@ class KeyPool(Service):
         if counted is not None:
             self._ledger.add(self._day, key.name, UNKNOWN, UNKNOWN, counted)
 
-    def _account(self, key: Key, day: int) -> _Account | None:
-        """
-        The account of C{key} if it is still configured and C{day} is
-        today: a key removed or replaced by a reload, or an answer to a
-        request of an earlier day, changes no count of today.
-        """
-        self._now()
-        account = self._accounts.get(key.name)
-        if account is None or account.key != key or day != self._day:
-            return None
-        return account
-
     def _judge(self, key: Key, verdict: Verdict, day: int) -> Counts | None:
         """
         Apply C{verdict} to C{key}'s state; return what it adds to the
@@ -611,8 +599,10 @@ class KeyPool(Service):
             counted = _ONE_ERROR
         else:
             return None
-        account = self._account(key, day)
-        if account is None:
+        account = self._accounts.get(key.name)
+        if account is None or account.key != key or day != self._day:
+            # A key removed or replaced by a reload, or an answer to a
+            # request of an earlier day, changes no count of today.
             return counted
         account.rateLimited += counted.rateLimited
         account.errors += counted.errors
