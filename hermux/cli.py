@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         "--by", metavar="COLUMNS",
         help="a comma list of day, key, client, model (default: day,key)",
     )
+    usage.add_argument(
+        "--client", metavar="NAME",
+        help="only this client's counts, by its label (default: every client's)",
+    )
     usage.add_argument("--json", action="store_true", help="print JSON, as GET /hermux/usage answers")
     return parser
 
@@ -68,15 +72,25 @@ def _usage(arguments, out, now: float) -> None:
     today = int(now // 86400)
     try:
         query = parseUsageQuery(
-            {"from": arguments.from_, "to": arguments.to, "group_by": arguments.by}, today
+            {
+                "from": arguments.from_,
+                "to": arguments.to,
+                "group_by": arguments.by,
+                "client": arguments.client,
+            },
+            today,
         )
     except UsageQueryError as e:
-        name = {"from": "--from", "to": "--to", "group_by": "--by"}[e.parameter]
+        name = {"from": "--from", "to": "--to", "group_by": "--by", "client": "--client"}[
+            e.parameter
+        ]
         raise _Failed(f"hermux usage: {name}: {e.message}")
     try:
         connection = openReadOnly(arguments.state)
         try:
-            rows = readUsage(connection, query.fromDay, query.toDay, query.groupBy)
+            rows = readUsage(
+                connection, query.fromDay, query.toDay, query.groupBy, query.client
+            )
         finally:
             connection.close()
     except (LedgerError, TooManyRows) as e:

@@ -288,14 +288,17 @@ class ILedger(Interface):
         yet written.
         """
 
-    def usage(fromDay: int, toDay: int, groupBy: tuple[str, ...]) -> Deferred:
+    def usage(
+        fromDay: int, toDay: int, groupBy: tuple[str, ...], client: str | None = None
+    ) -> Deferred:
         """
         The counts from C{fromDay} to C{toDay} (inclusive) summed per
         distinct value of the C{groupBy} columns (names from
         L{GROUP_COLUMNS}), including counts not yet written: a L{Deferred}
-        that fires with a list of L{UsageRow}, sorted by group.  Never
-        blocks the reactor thread.  It fails with L{TooManyRows} rather
-        than answer more than L{ROW_LIMIT} groups.
+        that fires with a list of L{UsageRow}, sorted by group.  With
+        C{client} (a label), only that client's counts.  Never blocks the
+        reactor thread.  It fails with L{TooManyRows} rather than answer
+        more than L{ROW_LIMIT} groups.
 
         @raise ValueError: if C{groupBy} names something else or a column
             twice.
@@ -396,14 +399,17 @@ class _Pending:
                 usage[name] = usage.get(name, _ZERO) + counts
         return usage
 
-    def grouped(self, fromDay: int, toDay: int, groupBy: tuple[str, ...]) -> dict[tuple, Counts]:
+    def grouped(
+        self, fromDay: int, toDay: int, groupBy: tuple[str, ...], client: str | None = None
+    ) -> dict[tuple, Counts]:
         """
-        The counts from C{fromDay} to C{toDay}, summed per group.
+        The counts from C{fromDay} to C{toDay}, summed per group; with
+        C{client}, that client's only.
         """
         indexes = [GROUP_COLUMNS.index(c) for c in groupBy]
         groups: dict[tuple, Counts] = {}
         for row, counts in self.rows.items():
-            if fromDay <= row[0] <= toDay:
+            if fromDay <= row[0] <= toDay and (client is None or row[2] == client):
                 group = tuple(
                     dayText(row[0]) if i == 0 else row[i] for i in indexes
                 )
@@ -445,10 +451,12 @@ class MemoryLedger:
     def clientUsage(self, day):
         return self._counts.byColumn(day, 2)
 
-    def usage(self, fromDay, toDay, groupBy):
+    def usage(self, fromDay, toDay, groupBy, client=None):
         groupBy = _checkGroupBy(groupBy)
         try:
-            return succeed(_rows(_bounded(self._counts.grouped(fromDay, toDay, groupBy))))
+            return succeed(
+                _rows(_bounded(self._counts.grouped(fromDay, toDay, groupBy, client)))
+            )
         except TooManyRows:
             return fail()
 
@@ -571,48 +579,60 @@ def openReadOnly(path: str) -> sqlite3.Connection:
         raise LedgerError(f"{path}: cannot read the state file: {e}")
 
 
-def _table(groupBy: tuple[str, ...]) -> str:
+def _table(groupBy: tuple[str, ...], client: str | None = None) -> str:
     """
-    The smallest table that has the C{groupBy} columns.
+    The smallest table that has the C{groupBy} columns, and the client
+    column if the counts are C{client}'s only.
     """
+    needed = set(groupBy) | ({"client"} if client is not None else set())
     for table in ("key_usage", "client_usage", "model_usage"):
-        if set(groupBy) <= set(_TABLES[table]):
+        if needed <= set(_TABLES[table]):
             return table
     return "usage"
 
 
-def _readGroups(connection, fromDay: int, toDay: int, groupBy: tuple[str, ...]) -> dict:
-    table = _table(groupBy)
+def _readGroups(
+    connection, fromDay: int, toDay: int, groupBy: tuple[str, ...], client: str | None = None
+) -> dict:
+    table = _table(groupBy, client)
     columns = ", ".join(groupBy)
+    where = "WHERE day BETWEEN ? AND ?"
+    parameters: tuple[str, ...] = (dayText(fromDay), dayText(toDay))
+    if client is not None:
+        where += " AND client = ?"
+        parameters += (client,)
     if set(groupBy) == set(_TABLES[table]):
         # One row per group already: nothing to sum.
-        sql = f"SELECT {columns}, {', '.join(COUNTERS)} FROM {table} WHERE day BETWEEN ? AND ?"
+        sql = f"SELECT {columns}, {', '.join(COUNTERS)} FROM {table} {where}"
     else:
         sums = ", ".join(f"sum({c})" for c in COUNTERS)
-        sql = f"SELECT {columns + ', ' if groupBy else ''}{sums} FROM {table} WHERE day BETWEEN ? AND ?"
+        sql = f"SELECT {columns + ', ' if groupBy else ''}{sums} FROM {table} {where}"
         if groupBy:
             sql += f" GROUP BY {columns}"
     # One more than may be answered, so that too many is known.
     sql += f" LIMIT {ROW_LIMIT + 1}"
     width = len(groupBy)
     groups = {}
-    for row in connection.execute(sql, (dayText(fromDay), dayText(toDay))):
+    for row in connection.execute(sql, parameters):
         if row[width] is None:
             continue  # no group: the sums of no rows
         groups[row[:width]] = Counts(*row[width:])
     return _bounded(groups)
 
 
-def readUsage(connection, fromDay: int, toDay: int, groupBy: tuple[str, ...]) -> list[UsageRow]:
+def readUsage(
+    connection, fromDay: int, toDay: int, groupBy: tuple[str, ...], client: str | None = None
+) -> list[UsageRow]:
     """
     The counts in the state file from C{fromDay} to C{toDay} (inclusive)
     summed per group of C{groupBy} (names from L{GROUP_COLUMNS}), sorted by
-    group: what L{ILedger.usage} answers, less what is not written yet.
-    Synchronous: for a thread, or for the C{hermux usage} command.
+    group; with C{client} (a label), that client's only: what
+    L{ILedger.usage} answers, less what is not written yet.  Synchronous:
+    for a thread, or for the C{hermux usage} command.
 
     @raise ValueError: if C{groupBy} names something else or a column twice.
     """
-    return _rows(_readGroups(connection, fromDay, toDay, _checkGroupBy(groupBy)))
+    return _rows(_readGroups(connection, fromDay, toDay, _checkGroupBy(groupBy), client))
 
 
 def _readByColumn(connection, table: str, day: int) -> dict[str, Counts]:
@@ -732,19 +752,24 @@ class SQLiteLedger(Service):
             unwritten.extend(batch)
         return unwritten
 
-    def usage(self, fromDay, toDay, groupBy):
+    def usage(self, fromDay, toDay, groupBy, client=None):
         """
         Read in a thread of the reactor's pool, with a read-only connection
         of its own.  What is not written yet is copied here, in the reactor
-        thread; the thread reads the file as of a moment when it knows
-        which of those copies the file already holds.
+        thread (only C{client}'s rows, given one); the thread reads the
+        file as of a moment when it knows which of those copies the file
+        already holds.
         """
         groupBy = _checkGroupBy(groupBy)
         copies = []
         for batch in self._writer.unwritten():
             if batch is None:
                 continue  # written just now, in the writer's thread
-            rows = {r: c for r, c in batch.rows.items() if fromDay <= r[0] <= toDay}
+            rows = {
+                r: c
+                for r, c in batch.rows.items()
+                if fromDay <= r[0] <= toDay and (client is None or r[2] == client)
+            }
             copies.append((batch.serial, rows))
         return deferToThreadPool(
             self._reactor,
@@ -753,10 +778,11 @@ class SQLiteLedger(Service):
             fromDay,
             toDay,
             groupBy,
+            client,
             copies,
         )
 
-    def _readUsage(self, fromDay, toDay, groupBy, copies) -> list[UsageRow]:
+    def _readUsage(self, fromDay, toDay, groupBy, client, copies) -> list[UsageRow]:
         # In a thread of the reactor's pool.
         connection = openReadOnly(self.path)
         try:
@@ -766,7 +792,7 @@ class SQLiteLedger(Service):
                 connection.execute("BEGIN")
                 connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
                 committed = self._committed
-            groups = _readGroups(connection, fromDay, toDay, groupBy)
+            groups = _readGroups(connection, fromDay, toDay, groupBy, client)
             connection.execute("COMMIT")
         finally:
             connection.close()
@@ -774,7 +800,7 @@ class SQLiteLedger(Service):
         for serial, rows in copies:
             if serial > committed:
                 unwritten.rows = rows
-                for group, counts in unwritten.grouped(fromDay, toDay, groupBy).items():
+                for group, counts in unwritten.grouped(fromDay, toDay, groupBy, client).items():
                     groups[group] = groups.get(group, _ZERO) + counts
         return _rows(_bounded(groups))
 

@@ -30,6 +30,8 @@ from hermux.ledger import COUNTERS, GROUP_COLUMNS, UsageRow, dayNumber, dayText
 MAX_DAYS = 400
 DEFAULT_GROUP_BY = ("day", "key")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# A client's label: printable ASCII, as the ledger keeps it.
+_CLIENT = re.compile(r"[\x20-\x7e]{1,64}")
 _NANOCREDITS = 10**9
 # A JSON string, as json.dumps writes one.
 _quoted = json.encoder.encode_basestring_ascii
@@ -38,12 +40,14 @@ _quoted = json.encoder.encode_basestring_ascii
 @attr.frozen
 class UsageQuery:
     """
-    Which days (UTC day numbers, both included) and how to group them.
+    Which days (UTC day numbers, both included), how to group them, and
+    whose counts: one client's (its label), or every client's (L{None}).
     """
 
     fromDay: int
     toDay: int
     groupBy: tuple[str, ...]
+    client: str | None = None
 
 
 class UsageQueryError(ValueError):
@@ -92,12 +96,24 @@ def _groupBy(value: str | None) -> tuple[str, ...]:
     return names
 
 
+def _client(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not _CLIENT.fullmatch(value):
+        raise UsageQueryError(
+            "client", f"a client's name, 1 to 64 printable ASCII characters: got {_shown(value)}"
+        )
+    return value
+
+
 def parseUsageQuery(args: Mapping[str, str | None], today: int) -> UsageQuery:
     """
     The query that C{args} asks for: C{from} and C{to}, ISO dates (UTC,
-    both included, today by default, at most L{MAX_DAYS} days), and
+    both included, today by default, at most L{MAX_DAYS} days);
     C{group_by}, a comma list of day, key, client and model (day,key by
-    default).  An argument that is absent or L{None} takes its default.
+    default); and C{client}, the label of the one client whose counts are
+    wanted (every client's by default).  An argument that is absent or
+    L{None} takes its default.
 
     @param today: the UTC day number of today.
     @raise UsageQueryError: naming the parameter that is wrong.
@@ -110,7 +126,9 @@ def parseUsageQuery(args: Mapping[str, str | None], today: int) -> UsageQuery:
         raise UsageQueryError(
             "from", f"at most {MAX_DAYS} days, from and to included; asked for {toDay - fromDay + 1}"
         )
-    return UsageQuery(fromDay, toDay, _groupBy(args.get("group_by")))
+    return UsageQuery(
+        fromDay, toDay, _groupBy(args.get("group_by")), _client(args.get("client"))
+    )
 
 
 def _credits(nanocredits: int) -> float:
@@ -122,8 +140,9 @@ def _credits(nanocredits: int) -> float:
 def usageReport(query: UsageQuery, rows: Iterable[UsageRow]) -> dict:
     """
     The JSON object of C{GET /hermux/usage}: the query (C{from}, C{to},
-    C{group_by}), one row per group (its columns, then the counters, in
-    L{COUNTERS}' names), sorted by the grouping columns, and the totals.
+    C{group_by}, C{client}: a label or null), one row per group (its
+    columns, then the counters, in L{COUNTERS}' names), sorted by the
+    grouping columns, and the totals.
     Cost is in credits, a JSON number.
     """
     rows = sorted(rows, key=lambda row: row.group)
@@ -141,6 +160,7 @@ def usageReport(query: UsageQuery, rows: Iterable[UsageRow]) -> dict:
         "from": dayText(query.fromDay),
         "to": dayText(query.toDay),
         "group_by": list(query.groupBy),
+        "client": query.client,
         "rows": shown,
         "totals": totals,
     }

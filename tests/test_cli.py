@@ -150,6 +150,55 @@ class UsageCommandTests(SynchronousTestCase):
         self.assertEqual(report["totals"]["requests"], 19)
         self.assertEqual(report["totals"]["free_requests"], 5)
         self.assertEqual(report["totals"]["cost"], 0.015345678)
+        self.assertIsNone(report["client"])
+
+    def test_client(self):
+        """
+        --client NAME shows that client's counts only, however they are
+        grouped; a client with none has a line of zeros.
+        """
+        dates = ("--from", "2026-11-30", "--to", "2026-12-01")
+        status, output = self.command("--state", self.path, *dates, "--by", "day,key", "--client", "laptop")
+        self.assertEqual(status, 0)
+        self.assertEqual(
+            [line.split()[:3] for line in output.splitlines()[2:-2]],
+            [["2026-11-30", "bob", "5"], ["2026-12-01", "alice", "1"]],
+        )
+        self.assertTrue(output.splitlines()[-1].startswith("total                     6"))
+        status, output = self.command("--state", self.path, *dates, "--by", "day", "--client", "team-a")
+        self.assertEqual(
+            [line.split()[:2] for line in output.splitlines()[2:-2]],
+            [["2026-11-30", "10"], ["2026-12-01", "2"]],
+        )
+        status, output = self.command("--state", self.path, *dates, "--client", "nobody")
+        self.assertEqual(status, 0)
+        self.assertEqual(len(output.splitlines()), 3)
+        self.assertTrue(output.splitlines()[-1].endswith("0.000000"))
+
+    def test_clientJSON(self):
+        """
+        With --json, the report names the client.
+        """
+        status, output = self.command(
+            "--state", self.path, "--from", "2026-11-30", "--by", "model", "--client", "team-a", "--json"
+        )
+        self.assertEqual(status, 0)
+        report = json.loads(output)
+        self.assertEqual(report["client"], "team-a")
+        self.assertEqual(
+            [(row["model"], row["requests"], row["cost"]) for row in report["rows"]],
+            [("openai/gpt-4o", 12, 0.014345678)],
+        )
+        self.assertEqual(report["totals"]["requests"], 12)
+
+    def test_badClient(self):
+        """
+        A client name that cannot be a label is one line naming --client.
+        """
+        self.assertIn("hermux usage: --client: ", self.runFailing("--state", self.path, "--client", ""))
+        self.stderr.truncate(0)
+        self.stderr.seek(0)
+        self.assertIn("--client", self.runFailing("--state", self.path, "--client", "x" * 65))
 
     def test_badDates(self):
         """

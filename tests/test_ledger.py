@@ -39,6 +39,7 @@ from hermux.ledger import (
     LedgerError,
     MemoryLedger,
     SQLiteLedger,
+    TooManyRows,
     UsageRow,
     dayNumber,
     dayText,
@@ -213,8 +214,10 @@ class LedgerTestsMixin:
         self.assertEqual(ledger.keyUsage(DAY), {"key0": counts + counts})
         self.assertEqual(ledger.clientUsage(DAY), {"alice": counts + counts})
 
-    async def usage(self, ledger, fromDay, toDay, groupBy) -> list[UsageRow]:
-        return await ledger.usage(fromDay, toDay, groupBy)
+    async def usage(self, ledger, fromDay, toDay, groupBy, client=None) -> list[UsageRow]:
+        if client is None:
+            return await ledger.usage(fromDay, toDay, groupBy)
+        return await ledger.usage(fromDay, toDay, groupBy, client)
 
     def fill(self, ledger):
         ledger.add(DAY, "key0", "alice", "m1", requests(1, cost=10))
@@ -261,14 +264,91 @@ class LedgerTestsMixin:
         self.assertEqual(await self.usage(ledger, DAY + 3, DAY + 9, ("day", "key")), [])
         self.assertEqual(await self.usage(ledger, DAY + 3, DAY + 9, ()), [])
 
+    async def test_usageOfOneClient(self):
+        """
+        With a client, L{ILedger.usage} sums that client's counts only,
+        however they are grouped; a client with no counts has no rows.
+        """
+        ledger = self.makeLedger()
+        self.fill(ledger)
+        self.assertEqual(
+            await self.usage(ledger, DAY, DAY + 2, ("day", "key"), "alice"),
+            [
+                UsageRow((DAY_TEXT, "key0"), requests(1, cost=10)),
+                UsageRow((DAY_TEXT, "key1"), requests(4, cost=40)),
+            ],
+        )
+        for groupBy, group in [
+            ((), ()),
+            (("day",), (DAY_TEXT,)),
+            (("client",), ("alice",)),
+            (("client", "day"), ("alice", DAY_TEXT)),
+        ]:
+            self.assertEqual(
+                await self.usage(ledger, DAY, DAY + 2, groupBy, "alice"),
+                [UsageRow(group, requests(5, cost=50))],
+            )
+        self.assertEqual(
+            await self.usage(ledger, DAY, DAY + 2, ("model",), "alice"),
+            [UsageRow(("m1",), requests(1, cost=10)), UsageRow(("m2",), requests(4, cost=40))],
+        )
+        self.assertEqual(
+            await self.usage(ledger, DAY, DAY + 2, ("day", "key", "client", "model"), "bob"),
+            [
+                UsageRow((DAY_TEXT, "key0", "bob", "m2"), requests(2, cost=20)),
+                UsageRow((NEXT_DAY_TEXT, "key1", "bob", "m1"), requests(8, cost=80)),
+                UsageRow((dayText(DAY + 2), "key1", "bob", "m1"), requests(16, cost=160)),
+            ],
+        )
+        self.assertEqual(
+            await self.usage(ledger, DAY + 1, DAY + 1, ("day", "client"), "bob"),
+            [UsageRow((NEXT_DAY_TEXT, "bob"), requests(8, cost=80))],
+        )
+        self.assertEqual(await self.usage(ledger, DAY + 1, DAY + 2, ("key",), "alice"), [])
+        for client in ["carol", UNKNOWN, "Alice", "alice ", "x' OR 'a' = 'a", "%"]:
+            for groupBy in [(), ("day",), ("key",), ("day", "key", "client", "model")]:
+                self.assertEqual(await self.usage(ledger, DAY, DAY + 2, groupBy, client), [])
+
+    async def test_usageOfOneClientNamedLikeSQL(self):
+        """
+        A client's label is a value, never SQL: quotes and wildcards in it
+        match only themselves.
+        """
+        ledger = self.makeLedger()
+        self.fill(ledger)
+        name = "o'brien\" OR 1=1 --%"
+        ledger.add(DAY, "key0", name, "m1", requests(32))
+        for groupBy in [(), ("day", "client"), ("key", "model")]:
+            rows = await self.usage(ledger, DAY, DAY + 2, groupBy, name)
+            self.assertEqual([row.counts for row in rows], [requests(32)])
+
+    async def test_usageOfOneClientBounded(self):
+        """
+        L{ROW_LIMIT} bounds the groups of the client's counts, not of
+        everyone's.
+        """
+        self.patch(hermux.ledger, "ROW_LIMIT", 2)
+        ledger = self.makeLedger()
+        self.fill(ledger)
+        with self.assertRaises(TooManyRows):
+            await self.usage(ledger, DAY, DAY + 2, ("key", "model"))
+        self.assertEqual(
+            await self.usage(ledger, DAY, DAY + 2, ("key", "model"), "alice"),
+            [UsageRow(("key0", "m1"), requests(1, cost=10)), UsageRow(("key1", "m2"), requests(4, cost=40))],
+        )
+        ledger.add(DAY + 1, "key0", "alice", "m2", requests(1))
+        with self.assertRaises(TooManyRows):
+            await self.usage(ledger, DAY, DAY + 2, ("key", "model"), "alice")
+
     def test_usageBadGrouping(self):
         """
         A column that is not one of day, key, client and model, or one
-        named twice, is a L{ValueError}.
+        named twice, is a L{ValueError}, with a client too.
         """
         ledger = self.makeLedger()
         self.assertRaises(ValueError, ledger.usage, DAY, DAY, ("day", "token"))
         self.assertRaises(ValueError, ledger.usage, DAY, DAY, ("key", "key"))
+        self.assertRaises(ValueError, ledger.usage, DAY, DAY, ("token",), "alice")
 
     async def test_longModelCut(self):
         """
@@ -349,10 +429,10 @@ class SQLiteLedgerWrittenTests(LedgerTestsMixin, TestCase):
         self.addCleanup(ledger.stopService)
         return ledger
 
-    async def usage(self, ledger, fromDay, toDay, groupBy):
+    async def usage(self, ledger, fromDay, toDay, groupBy, client=None):
         await ledger.flush()
         self.assertEqual(ledger._writer.pending.size, 0)
-        return await ledger.usage(fromDay, toDay, groupBy)
+        return await ledger.usage(fromDay, toDay, groupBy, client)
 
     def test_providesILedger(self):
         """
@@ -623,6 +703,59 @@ class ReadOnlyTests(SynchronousTestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(), before)
 
+    def test_readsOneClient(self):
+        """
+        L{readUsage} with a client reads that client's counts only: from
+        the per-client sums grouped by at most day and client, else from
+        the detail.
+        """
+        path = self.mktemp()
+        SQLiteLedger(path, reactor=Clock())
+        connection = sqlite3.connect(path)
+        for client, n in [("alice", 3), ("bob", 30)]:
+            connection.execute(
+                "INSERT INTO usage (day, key, client, model, requests) VALUES (?, 'key0', ?, 'm', ?)",
+                (DAY_TEXT, client, n),
+            )
+            connection.execute(
+                "INSERT INTO client_usage (day, client, requests) VALUES (?, ?, ?)",
+                (DAY_TEXT, client, n),
+            )
+        connection.execute(
+            "INSERT INTO key_usage (day, key, requests) VALUES (?, 'key0', 33)", (DAY_TEXT,)
+        )
+        connection.commit()
+        connection.close()
+        reader = openReadOnly(path)
+        self.addCleanup(reader.close)
+        for groupBy, group in [
+            (("day", "client"), (DAY_TEXT, "alice")),
+            (("day",), (DAY_TEXT,)),
+            (("key",), ("key0",)),
+            (("model", "client"), ("m", "alice")),
+        ]:
+            self.assertEqual(
+                readUsage(reader, DAY, DAY, groupBy, "alice"), [UsageRow(group, requests(3))]
+            )
+        self.assertEqual(readUsage(reader, DAY, DAY, ("key",)), [UsageRow(("key0",), requests(33))])
+        self.assertEqual(readUsage(reader, DAY, DAY, ("key",), "carol"), [])
+        self.assertEqual(readUsage(reader, DAY, DAY, (), "carol"), [])
+
+    def test_clientTable(self):
+        """
+        With a client, usage is read from a table that has the client
+        column: its sums when grouped by at most day and client, else the
+        detail.
+        """
+        table = hermux.ledger._table
+        self.assertEqual(table(("day", "key")), "key_usage")
+        self.assertEqual(table(("model",)), "model_usage")
+        self.assertEqual(table((), "alice"), "client_usage")
+        self.assertEqual(table(("day",), "alice"), "client_usage")
+        self.assertEqual(table(("client", "day"), "alice"), "client_usage")
+        self.assertEqual(table(("key",), "alice"), "usage")
+        self.assertEqual(table(("day", "model"), "alice"), "usage")
+
     def test_missingFile(self):
         """
         A missing file is a one-line L{LedgerError}, and is not created.
@@ -841,6 +974,74 @@ class WriterTests(TestCase):
         finally:
             await writing
         self.assertEqual(await reading, [UsageRow((DAY_TEXT, "key0"), requests(5))])
+        self.assertEqual(await again, [UsageRow((DAY_TEXT, "key0"), requests(6))])
+
+    async def test_usageOfOneClientMergesWrittenAndUnwritten(self):
+        """
+        With a client, L{SQLiteLedger.usage} adds that client's unwritten
+        counts, exactly, to its written ones, and nobody else's.
+        """
+        ledger = self.startLedger()
+        ledger.add(DAY, "key0", "alice", "m", requests(2, cost=3))
+        ledger.add(DAY, "key0", "bob", "m", requests(100))
+        await ledger.flush()
+        ledger.add(DAY, "key0", "alice", "m", requests(3, errors=1, cost=4))
+        ledger.add(DAY, "key1", "alice", "m2", Counts(rateLimited=1))
+        ledger.add(DAY, "key1", "bob", "m2", requests(1000))
+        ledger.add(DAY + 1, "key1", "alice", "m2", requests(7))
+        self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 2), (DAY_TEXT, "bob", 100)})
+        for groupBy in [(), ("day",), ("client",), ("day", "client")]:
+            rows = await ledger.usage(DAY, DAY, groupBy, "alice")
+            self.assertEqual(
+                [row.counts for row in rows], [requests(5, errors=1, rateLimited=1, cost=7)]
+            )
+        for groupBy in [("key",), ("day", "key", "model"), ("key", "client", "model")]:
+            rows = await ledger.usage(DAY, DAY, groupBy, "alice")
+            self.assertEqual(
+                [row.counts for row in rows],
+                [requests(5, errors=1, cost=7), Counts(rateLimited=1)],
+            )
+        self.assertEqual(
+            await ledger.usage(DAY - 5, DAY + 5, ("day",), "alice"),
+            [
+                UsageRow((DAY_TEXT,), requests(5, errors=1, rateLimited=1, cost=7)),
+                UsageRow((NEXT_DAY_TEXT,), requests(7)),
+            ],
+        )
+        self.assertEqual(
+            await ledger.usage(DAY, DAY + 1, ("model",), "bob"),
+            [UsageRow(("m",), requests(100)), UsageRow(("m2",), requests(1000))],
+        )
+        self.assertEqual(await ledger.usage(DAY, DAY + 1, ("model",), "carol"), [])
+        await ledger.flush()
+        self.assertEqual(
+            await ledger.usage(DAY, DAY + 1, ("client",), "alice"),
+            [UsageRow(("alice",), requests(12, errors=1, rateLimited=1, cost=7))],
+        )
+
+    async def test_usageOfOneClientExactWhileWriting(self):
+        """
+        With a client too, a batch being written is neither missed nor
+        counted twice.
+        """
+        ledger = self.startLedger()
+        ledger.add(DAY, "key0", "alice", "m", requests(5))
+        ledger.add(DAY, "key0", "bob", "m", requests(50))
+        writing = ledger.flush()
+        reading = ledger.usage(DAY, DAY, ("day", "key"), "alice")
+        readingDetail = ledger.usage(DAY, DAY, ("model",), "alice")
+        deadline = time.monotonic() + 5
+        while not storedClients(ledger.path) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        try:
+            self.assertEqual(storedClients(ledger.path), {(DAY_TEXT, "alice", 5), (DAY_TEXT, "bob", 50)})
+            ledger.add(DAY, "key0", "alice", "m", requests(1))
+            ledger.add(DAY, "key0", "bob", "m", requests(10))
+            again = ledger.usage(DAY, DAY, ("day", "key"), "alice")
+        finally:
+            await writing
+        self.assertEqual(await reading, [UsageRow((DAY_TEXT, "key0"), requests(5))])
+        self.assertEqual(await readingDetail, [UsageRow(("m",), requests(5))])
         self.assertEqual(await again, [UsageRow((DAY_TEXT, "key0"), requests(6))])
 
     async def test_usageExactWhileWriteFails(self):

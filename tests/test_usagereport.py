@@ -43,8 +43,10 @@ class ParseUsageQueryTests(SynchronousTestCase):
         expected = UsageQuery(TODAY, TODAY, ("day", "key"))
         self.assertEqual(parseUsageQuery({}, TODAY), expected)
         self.assertEqual(
-            parseUsageQuery({"from": None, "to": None, "group_by": None}, TODAY), expected
+            parseUsageQuery({"from": None, "to": None, "group_by": None, "client": None}, TODAY),
+            expected,
         )
+        self.assertIsNone(expected.client)
 
     def test_range(self):
         """
@@ -115,6 +117,29 @@ class ParseUsageQueryTests(SynchronousTestCase):
         self.assertBad({"group_by": "day,,key"}, "group_by")
         self.assertBad({"group_by": "Day"}, "group_by")
 
+    def test_client(self):
+        """
+        C{client} is the label of the one client whose counts are wanted,
+        kept as it is: 1 to 64 printable ASCII characters, spaces too.
+        """
+        for name in ["alice", "-", "client-0123abcd", "a b", "x" * 64, "caf\"e'~"]:
+            self.assertEqual(
+                parseUsageQuery({"client": name, "group_by": "model"}, TODAY),
+                UsageQuery(TODAY, TODAY, ("model",), name),
+            )
+
+    def test_badClient(self):
+        """
+        An empty C{client}, a longer one, or one with a character that is
+        not printable ASCII is refused, naming C{client}; the message
+        quotes it short.
+        """
+        self.assertIn("''", self.assertBad({"client": ""}, "client"))
+        self.assertBad({"client": "x" * 65}, "client")
+        for name in ["caf\u00e9", "a\tb", "a\nb", "nul\x00", "del\x7f"]:
+            self.assertBad({"client": name}, "client")
+        self.assertLess(len(self.assertBad({"client": "\u00e9" * 10000}, "client")), 140)
+
 
 ROWS = [
     UsageRow(
@@ -146,6 +171,7 @@ class UsageReportTests(SynchronousTestCase):
                 "from": "2026-12-01",
                 "to": "2026-12-01",
                 "group_by": ["day", "key"],
+                "client": None,
                 "rows": [
                     {
                         "day": "2026-12-01",
@@ -188,6 +214,17 @@ class UsageReportTests(SynchronousTestCase):
             },
         )
         self.assertEqual(json.loads(json.dumps(report)), report)
+        self.assertEqual(list(report)[:4], ["from", "to", "group_by", "client"])
+
+    def test_reportClient(self):
+        """
+        A report of one client's counts names it after C{group_by}.
+        """
+        query = UsageQuery(TODAY, TODAY, ("day", "key"), "alice")
+        report = usageReport(query, ROWS)
+        self.assertEqual(report["client"], "alice")
+        self.assertEqual(list(report)[:4], ["from", "to", "group_by", "client"])
+        self.assertEqual(report["rows"], usageReport(QUERY, ROWS)["rows"])
 
     def test_costExact(self):
         """
@@ -233,6 +270,18 @@ class ReportBodyTests(SynchronousTestCase):
 
     def test_noRows(self):
         self.assertSameAsReport(UsageQuery(1, 2, ("day", "key")), [])
+
+    def test_client(self):
+        """
+        The client asked for is in the body as in the report, after
+        C{group_by}, or null; a name that looks like JSON stays a string.
+        """
+        rows = [UsageRow(("m",), Counts(2, cost=5))]
+        for client in [None, "alice", '"rows":[]', 'x"}],"rows":[{', "\\"]:
+            query = UsageQuery(1, 1, ("model",), client)
+            self.assertSameAsReport(query, rows)
+            report = json.loads(reportBody(query, rows), object_pairs_hook=list)
+            self.assertEqual(report[2:4], [("group_by", ["model"]), ("client", client)])
 
     def test_costIsCredits(self):
         body = reportBody(UsageQuery(1, 1, ("key",)), [UsageRow(("a",), Counts(cost=12_345))])
