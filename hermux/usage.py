@@ -812,10 +812,15 @@ class RequestedModel(NamedTuple):
         and so does every entry of a C{models} fallback list if there is
         one), C{False} for a paid request (some model named, not all free),
         L{None} if no model is named at all.
+    @ivar names: every model the request names, C{model} then the entries
+        of C{models} (one that is not a string as its JSON text), for the
+        clients limited to some models; L{None} when the body is not a JSON
+        object, so that it names nothing hermux can read.
     """
 
     model: str | None = None
     free: bool | None = None
+    names: tuple[str, ...] | None = None
 
 
 _FREE = ":free"
@@ -845,11 +850,15 @@ def requestedModel(body: bytes, contentType: bytes | None) -> RequestedModel:
     model = model if isinstance(model, str) else None
     models = parsed.get("models")
     if models is None and model is not None:
-        return RequestedModel(model, model.endswith(_FREE))
+        return RequestedModel(model, model.endswith(_FREE), (model,))
     names = [model] if model is not None else []
     if isinstance(models, list):
         names.extend(models)
     if not names:
-        return RequestedModel()
+        return RequestedModel(names=())
     free = all(isinstance(name, str) and name.endswith(_FREE) for name in names)
-    return RequestedModel(model, free)
+    return RequestedModel(model, free, tuple(map(_modelText, names)))
+
+
+def _modelText(name) -> str:
+    return name if isinstance(name, str) else json.dumps(name)

@@ -934,7 +934,36 @@ class RequestedModelTests(SynchronousTestCase):
     def assertRequested(self, body, expected, contentType=b"application/json"):
         if not isinstance(body, bytes):
             body = json.dumps(body).encode()
-        self.assertEqual(requestedModel(body, contentType), expected, body[:80])
+        # Only what the pool reads; names has tests of its own.
+        self.assertEqual(requestedModel(body, contentType)[:2], expected[:2], body[:80])
+
+    def assertNames(self, body, names, contentType=b"application/json"):
+        if not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        self.assertEqual(requestedModel(body, contentType).names, names, body[:80])
+
+    def test_names(self):
+        """
+        C{names} lists every model a JSON object names, C{model} first, and
+        is empty when it names none.
+        """
+        self.assertNames({"model": "a"}, ("a",))
+        self.assertNames({"model": "a", "models": ["b", "c:free"]}, ("a", "b", "c:free"))
+        self.assertNames({"models": ["b", 7, None]}, ("b", "7", "null"))
+        self.assertNames({"model": 12, "models": ["a:free"]}, ("a:free",))
+        self.assertNames({"messages": []}, ())
+        self.assertNames({"model": 12}, ())
+        self.assertNames({"models": []}, ())
+
+    def test_namesOfNoJSONObject(self):
+        """
+        A body that is not a JSON object names nothing hermux can read:
+        L{None}, not an empty tuple.
+        """
+        self.assertNames(b"", None)
+        self.assertNames(b'["model"]', None)
+        self.assertNames(b"{", None)
+        self.assertNames({"model": "a"}, None, b"text/plain")
 
     def test_paidAndFree(self):
         self.assertRequested({"model": "openai/gpt-4o", "messages": []}, RequestedModel("openai/gpt-4o", False))
