@@ -174,11 +174,14 @@ class Use(NamedTuple):
     @ivar free: L{True} for a free-model request (every model it names is a
         C{:free} variant), L{False} for a paid one, L{None} when it names no
         model (C{GET /models}).
+    @ivar keys: the names of the only keys that may serve it (the client's
+        C{keys} in clients.csv), or L{None} for any key.
     """
 
     client: str = UNKNOWN
     model: str = UNKNOWN
     free: bool | None = None
+    keys: frozenset[str] | None = None
 
 
 @attr.frozen
@@ -541,15 +544,19 @@ class KeyPool(Service):
         Choose the key for one request to the upstream, and count it.
 
         @param exclude: names of keys not to choose (already tried).
-        @param use: what the request is: free-model, paid, or neither.
+        @param use: what the request is: free-model, paid, or neither, and
+            which keys may serve it.
         @raise NoKeyAvailable: if no key not excluded can serve it.
         """
         now = self._now()
-        free = use.free
+        free, within = use.free, use.keys
         best = None
         candidates: list[_Account] = []
         for account in self._accounts.values():
-            if account.key.name in exclude or not account.serves(free, now):
+            name = account.key.name
+            if name in exclude or (within is not None and name not in within):
+                continue
+            if not account.serves(free, now):
                 continue
             rank = account.prefers(free)
             if best is None or rank < best:
@@ -558,22 +565,31 @@ class KeyPool(Service):
             elif rank == best:
                 candidates.append(account)
         if not candidates:
-            raise NoKeyAvailable(self.usableAt(now, free))
+            raise NoKeyAvailable(self.usableAt(now, free, within))
         account = self._random.choice(candidates)
         account.requests += 1
         if free:
             account.freeRequests += 1
         return Attempt(self, account, use, self._day)
 
-    def usableAt(self, now: float | None = None, free: bool | None = None) -> float | None:
+    def usableAt(
+        self,
+        now: float | None = None,
+        free: bool | None = None,
+        within: frozenset[str] | None = None,
+    ) -> float | None:
         """
-        When the first key becomes usable for a request of the kind C{free}
-        says (see L{Use.free}), or L{None} if none will before the
-        configuration changes.
+        When the first key (of those named C{within}, if given) becomes
+        usable for a request of the kind C{free} says (see L{Use.free}), or
+        L{None} if none will before the configuration changes.
         """
         if now is None:
             now = self._now()
-        times = [account.usableAt(now, free) for account in self._accounts.values()]
+        times = [
+            account.usableAt(now, free)
+            for name, account in self._accounts.items()
+            if within is None or name in within
+        ]
         known = [t for t in times if t is not None]
         return min(known) if known else None
 
