@@ -25,15 +25,28 @@ from collections.abc import Iterable
 import attr
 from twisted.internet.address import IPv4Address, IPv6Address
 
+from hermux.config import ClientEntry, Role
+
 
 @attr.frozen
 class Client:
     """
     An authorized client, known by a label that is safe to log and to count
-    by: a short hash of its access token, never the token itself.
+    by: its name in clients.csv, or for a token of allow.txt a short hash of
+    it, never the token itself.
+
+    @ivar entry: its line of clients.csv (role and limits), or L{None} for
+        a token of allow.txt: an admin without limits.
     """
 
     label: str
+    entry: ClientEntry | None = attr.field(default=None, eq=False, repr=False)
+    # The entry's keys, as the pool takes them.
+    keys: frozenset[str] | None = attr.field(default=None, eq=False, repr=False)
+
+    @property
+    def admin(self) -> bool:
+        return self.entry is None or self.entry.role is Role.ADMIN
 
 
 @attr.frozen
@@ -80,18 +93,19 @@ def presentedToken(authorization: bytes | None) -> bytes | None:
 
 class AccessList:
     """
-    The set of access tokens that may use hermux.
+    The access tokens that may use hermux: those of allow.txt and those of
+    the clients in clients.csv.
 
     Tokens are looked up by their SHA-256 digest, so how long a check takes
     says nothing about how close a wrong token came to a right one.
     """
 
-    def __init__(self, tokens: Iterable[str]):
-        self.replace(tokens)
+    def __init__(self, tokens: Iterable[str], clients: Iterable[ClientEntry] = ()):
+        self.replace(tokens, clients)
 
-    def replace(self, tokens: Iterable[str]) -> tuple[int, int]:
+    def replace(self, tokens: Iterable[str], clients: Iterable[ClientEntry] = ()) -> tuple[int, int]:
         """
-        Allow exactly C{tokens} from now on.
+        Allow exactly C{tokens} and C{clients} from now on.
 
         @return: how many tokens were added and how many removed.
         """
@@ -100,11 +114,16 @@ class AccessList:
         # per request makes nothing.
         self._version = version = object()
         self._nobody = Lookup(None, version)
-        self._lookups = {
+        lookups = {
             _digest(token.encode("ascii")): Lookup(Client(clientLabel(token)), version)
             for token in tokens
         }
-        return len(self._lookups.keys() - before), len(before - self._lookups.keys())
+        for entry in clients:
+            keys = None if entry.keys is None else frozenset(entry.keys)
+            client = Client(entry.name, entry, keys)
+            lookups[_digest(entry.token.encode("ascii"))] = Lookup(client, version)
+        self._lookups = lookups
+        return len(lookups.keys() - before), len(before - lookups.keys())
 
     def __len__(self) -> int:
         return len(self._lookups)
