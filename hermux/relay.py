@@ -19,7 +19,7 @@ L{hermux.record}) the key that served it and how the exchange ended.
 
 from __future__ import annotations
 
-__all__ = ["BufferedBody", "Relay"]
+__all__ = ["BufferedBody", "Relay", "requestedOf", "useOf"]
 
 import math
 from typing import Callable
@@ -44,11 +44,12 @@ from hermux.config import Key
 from hermux.errors import writeError
 from hermux.hygiene import copyResponseHeaders, upstreamHeaders
 from hermux.keypool import ERROR, Attempt, KeyPool, Kind, NoKeyAvailable, Use, Verdict
+from hermux.ledger import UNKNOWN
 from hermux.metrics import Metrics
 from hermux.quota import KEY_STATUSES, classify
 from hermux.record import recordOf
 from hermux.upstream import Upstream
-from hermux.usage import decodedBody, requestedModel, watchAnswer
+from hermux.usage import RequestedModel, decodedBody, requestedModel, watchAnswer
 
 
 @implementer(IBodyProducer)
@@ -92,19 +93,25 @@ def _requestBody(request) -> IBodyProducer | None:
     return BufferedBody(data)
 
 
-def _useOf(request, client) -> Use:
+def requestedOf(request) -> RequestedModel:
     """
-    What C{request} is for the pool: its client, and the model its body
-    names (the only thing hermux reads of a request body).
+    The model C{request}'s body names (the only thing hermux reads of a
+    request body).
     """
     request.content.seek(0)
     contentType = request.requestHeaders.getRawHeaders(b"content-type")
-    asked = requestedModel(request.content.read(), contentType[0] if contentType else None)
-    return Use(
-        client=client.label if client is not None else "-",
-        model=asked.model if asked.model is not None else "-",
-        free=asked.free,
-    )
+    return requestedModel(request.content.read(), contentType[0] if contentType else None)
+
+
+def useOf(client, asked: RequestedModel) -> Use:
+    """
+    What a request of C{client} (L{None}: none) that names C{asked} is for
+    the pool.
+    """
+    model = asked.model if asked.model is not None else UNKNOWN
+    if client is None:
+        return Use(model=model, free=asked.free)
+    return Use(client.label, model, asked.free, client.keys)
 
 
 def _nothing():
@@ -328,12 +335,17 @@ class Relay:
         self.idleTimeout = idleTimeout
         self.metrics = metrics if metrics is not None else Metrics()
 
-    def forward(self, request, target: bytes) -> Deferred[None]:
+    def forward(self, request, target: bytes, use: Use | None = None) -> Deferred[None]:
         """
         Relay C{request} to the upstream's C{target}.  The returned Deferred
         fires when the exchange is over, however it ended.
+
+        @param use: what the request is for the pool, if the caller has
+            read it already (see L{useOf}).
         """
-        exchange = _Exchange(self, request, target)
+        if use is None:
+            use = useOf(recordOf(request).client, requestedOf(request))
+        exchange = _Exchange(self, request, target, use)
         d = ensureDeferred(exchange.run())
         request.notifyFinish().addErrback(exchange.clientWentAway, d)
         return d.addErrback(exchange.failed)
@@ -346,7 +358,7 @@ class _Exchange:
 
     _log = Logger()
 
-    def __init__(self, relay: Relay, request, target: bytes):
+    def __init__(self, relay: Relay, request, target: bytes, use: Use):
         self._relay = relay
         self._request = request
         self._record = recordOf(request)
@@ -354,7 +366,7 @@ class _Exchange:
         self._clientGone = False
         self._watchdog: _Watchdog | None = None
         self._breaker = _Breaker()
-        self._use = _useOf(request, self._record.client)
+        self._use = use
         self._attempt: Attempt | None = None
 
     def clientWentAway(self, reason, running: Deferred) -> None:

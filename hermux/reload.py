@@ -1,13 +1,13 @@
 # -*- test-case-name: tests.test_operations -*-
 """
 Reloading the configuration while hermux runs: C{kill -HUP <pid>} re-reads
-tokens.csv and allow.txt, and applies them whole, or not at all if either
-has an error.
+tokens.csv, allow.txt and clients.csv, and applies them whole, or not at
+all if any has an error.
 """
 
 from __future__ import annotations
 
-__all__ = ["describeKeyChanges", "ConfigReloader"]
+__all__ = ["describeKeyChanges", "describeClientChanges", "ConfigReloader"]
 
 import signal
 
@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from hermux.access import AccessList
-from hermux.config import ConfigError, Configuration, Key, loadConfiguration
+from hermux.config import ClientEntry, ConfigError, Configuration, Key, loadConfiguration
 from hermux.keypool import KeyPool
 
 
@@ -49,6 +49,23 @@ def describeKeyChanges(old: tuple[Key, ...], new: tuple[Key, ...]) -> list[str]:
     return changes
 
 
+def describeClientChanges(old: tuple[ClientEntry, ...], new: tuple[ClientEntry, ...]) -> list[str]:
+    """
+    What changed between two sets of clients, by name only.
+    """
+    before = {entry.name: entry for entry in old}
+    after = {entry.name: entry for entry in new}
+    changes = []
+    for words, names in (
+        ("clients added", [name for name in after if name not in before]),
+        ("clients removed", [name for name in before if name not in after]),
+        ("clients changed", [n for n in after if n in before and before[n] != after[n]]),
+    ):
+        if names:
+            changes.append(f"{words}: {', '.join(names)}")
+    return changes
+
+
 class ConfigReloader(Service):
     """
     Re-reads the configuration files on SIGHUP (or when L{reload} is
@@ -61,11 +78,23 @@ class ConfigReloader(Service):
 
     _log = Logger()
 
-    def __init__(self, tokensPath: str, allowPath: str, pool: KeyPool, access: AccessList, *, reactor=None):
+    def __init__(
+        self,
+        tokensPath: str,
+        allowPath: str | None,
+        pool: KeyPool,
+        access: AccessList,
+        *,
+        clientsPath: str | None = None,
+        clients: tuple[ClientEntry, ...] = (),
+        reactor=None,
+    ):
         if reactor is None:
             from twisted.internet import reactor
         self._tokensPath = tokensPath
         self._allowPath = allowPath
+        self._clientsPath = clientsPath
+        self._clients = clients  # those in use now, to tell what a reload changes
         self._pool = pool
         self._access = access
         self._reactor = reactor
@@ -90,16 +119,17 @@ class ConfigReloader(Service):
         Read and apply the configuration files; fires with whether they were
         applied.
         """
-        self._log.info(
-            "reloading {tokens} and {allow}", tokens=self._tokensPath, allow=self._allowPath
-        )
-        d = deferToThread(loadConfiguration, self._tokensPath, self._allowPath)
+        paths = [p for p in (self._tokensPath, self._allowPath, self._clientsPath) if p is not None]
+        self._log.info("reloading {files}", files=", ".join(paths))
+        d = deferToThread(loadConfiguration, self._tokensPath, self._allowPath, self._clientsPath)
         return d.addCallbacks(self._apply, self._reject)
 
     def _apply(self, configuration: Configuration) -> bool:
         changes = describeKeyChanges(self._pool.keys, configuration.keys)
+        changes += describeClientChanges(self._clients, configuration.clients)
+        self._clients = configuration.clients
         self._pool.replaceKeys(configuration.keys)
-        added, removed = self._access.replace(configuration.accessTokens)
+        added, removed = self._access.replace(configuration.accessTokens, configuration.clients)
         if added or removed:
             changes.append(f"access tokens: {added} added, {removed} removed")
         self._log.info(

@@ -4,8 +4,12 @@ hermux's resource tree, which authenticates and routes each request.
 
     /api/...      forwarded upstream as is
     /v1/...       forwarded as /api/v1/...
-    /hermux/...   hermux's own: health, keys, metrics
+    /hermux/...   hermux's own: health, keys, metrics, usage, me
     anything else 404
+
+Admin access tokens (allow.txt's, and clients.csv's with the admin role)
+may use everything; user tokens may forward, see their own usage and
+C{/hermux/me}.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ __all__ = [
     "Gate",
     "Health",
     "Keys",
+    "Me",
     "MetricsPage",
     "Refusal",
     "buildRoot",
@@ -31,20 +36,22 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from hermux.access import AccessList, AuthThrottle, Client
+from hermux.clients import ClientBook, LimitRefusal, notAllowedModel
 from hermux.errors import ErrorResource, renderError
 from hermux.hygiene import BadTarget, upstreamTarget
 from hermux.keypool import NANOCREDITS, KeyPool, KeyStatus, dayOf, isoTime
-from hermux.ledger import ILedger, TooManyRows
+from hermux.ledger import COUNTERS, ILedger, MemoryLedger, TooManyRows
 from hermux.metrics import Metrics
 from hermux.record import printable, recordOf
-from hermux.relay import Relay
+from hermux.relay import Relay, requestedOf, useOf
 from hermux.usagereport import UsageQueryError, parseUsageQuery, reportBody
 
 _NOT_FOUND = ErrorResource(
     404,
-    "not found; hermux serves /api/..., /v1/..., /hermux/health, /hermux/keys "
-    "and /hermux/metrics",
+    "not found; hermux serves /api/..., /v1/..., /hermux/health, /hermux/keys, "
+    "/hermux/metrics, /hermux/usage and /hermux/me",
 )
+_ADMINS_ONLY = "this endpoint needs an admin access token"
 
 # The methods OpenRouter's API uses.  TRACE would echo the request, key
 # included, back to the client from any upstream or middlebox that answers
@@ -78,15 +85,19 @@ class Refusal(Exception):
 
 class Gate:
     """
-    Lets in requests with exactly one valid access token, and throttles
-    addresses that keep presenting wrong ones (see L{AuthThrottle}).
+    Lets in requests with exactly one valid access token that has not
+    expired, and throttles addresses that keep presenting wrong ones (see
+    L{AuthThrottle}).
     """
 
     _log = Logger()
 
-    def __init__(self, access: AccessList, throttle: AuthThrottle | None = None):
+    def __init__(self, access: AccessList, throttle: AuthThrottle | None = None, *, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
         self.access = access
         self.throttle = throttle
+        self._reactor = reactor
 
     def admit(self, request) -> Client:
         """
@@ -149,9 +160,15 @@ class Gate:
                     "the access tokens were reloaded while this request arrived; send it again",
                 )
             )
+        record.client = client
+        entry = client.entry
+        if entry is not None and entry.expires is not None and self._reactor.seconds() > entry.expires:
+            # Not a guess: the throttle neither counts it nor learns it.
+            record.outcome = "access token expired"
+            request.setHeader(b"WWW-Authenticate", b'Bearer error="invalid_token"')
+            raise Refusal(renderError(request, 401, "this access token has expired"))
         if self.throttle is not None:
             self.throttle.succeeded(address, client)
-        record.client = client
         return client
 
 
@@ -186,11 +203,11 @@ class Forward(_TokenRequired):
         upstream's (C{b"/api"} for the C{/v1} alias).
     """
 
-    def __init__(self, prefix: bytes, pool: KeyPool, gate: Gate, relay: Relay):
+    def __init__(self, prefix: bytes, gate: Gate, relay: Relay, book: ClientBook):
         super().__init__(gate)
         self.prefix = prefix
-        self._pool = pool
         self._relay = relay
+        self._book = book
 
     def renderFor(self, request, client):
         if request.method not in FORWARDED_METHODS:
@@ -200,8 +217,32 @@ class Forward(_TokenRequired):
             target = upstreamTarget(self.prefix, request.uri)
         except BadTarget as e:
             return renderError(request, 400, str(e))
-        self._relay.forward(request, target)
+        asked = requestedOf(request)
+        try:
+            admission = self._admit(request, client, asked)
+        except LimitRefusal as refusal:
+            recordOf(request).outcome = f"refused: {refusal.limit}"
+            if refusal.retryAfter is not None:
+                request.setHeader(b"Retry-After", b"%d" % (refusal.retryAfter,))
+            return renderError(request, refusal.code, refusal.message)
+        d = self._relay.forward(request, target, useOf(client, asked))
+        d.addBoth(admission.release)
         return server.NOT_DONE_YET
+
+    def _admit(self, request, client: Client, asked):
+        """
+        Check the request against C{client}'s models and limits, in the
+        order the README gives, and count it in.
+
+        @raise LimitRefusal: if it may not go out.
+        """
+        entry = client.entry
+        if entry is not None and entry.models is not None:
+            request.content.seek(0, 2)
+            why = notAllowedModel(entry, asked.names, request.content.tell() > 0)
+            if why is not None:
+                raise LimitRefusal(403, why, "models")
+        return self._book.admit(client)
 
 
 def _readOnly(request) -> bytes | None:
@@ -215,6 +256,15 @@ def _readOnly(request) -> bytes | None:
         request.setHeader(b"Allow", b"GET, HEAD")
         return renderError(request, 405, "use GET")
     return None
+
+
+def _adminOnly(request, client: Client) -> bytes | None:
+    """
+    The error for a client that is not an admin; L{None} for an admin.
+    """
+    if client.admin:
+        return None
+    return renderError(request, 403, _ADMINS_ONLY)
 
 
 def _jsonHeaders(request) -> None:
@@ -238,7 +288,7 @@ class Keys(_TokenRequired):
         self._pool = pool
 
     def renderFor(self, request, client):
-        return _readOnly(request) or _json(
+        return _readOnly(request) or _adminOnly(request, client) or _json(
             request, {"keys": [_describe(status) for status in self._pool.statuses()]}
         )
 
@@ -261,14 +311,14 @@ def _describe(status: KeyStatus) -> dict:
     }
 
 
-_USAGE_PARAMETERS = ("from", "to", "group_by")
+_USAGE_PARAMETERS = ("from", "to", "group_by", "client")
 
 
 class UsagePage(_TokenRequired):
     """
     C{/hermux/usage}: the ledger's counts over a range of UTC days, grouped
     as the query asks (see L{hermux.usagereport}), read and written off the
-    reactor thread.
+    reactor thread.  A user access token sees only its own counts.
     """
 
     _log = Logger()
@@ -284,12 +334,17 @@ class UsagePage(_TokenRequired):
             return refused
         try:
             arguments = _queryArguments(request)
+            if not client.admin:
+                if arguments.setdefault("client", client.label) != client.label:
+                    return renderError(
+                        request, 403, "client: a user access token sees only its own usage"
+                    )
             query = parseUsageQuery(arguments, dayOf(self._reactor.seconds()))
         except UsageQueryError as e:
             return renderError(request, 400, str(e))
         finished = []
         request.notifyFinish().addBoth(finished.append)
-        d = self._ledger.usage(query.fromDay, query.toDay, query.groupBy)
+        d = self._ledger.usage(query.fromDay, query.toDay, query.groupBy, query.client)
         d.addCallback(self._body, request, query)
         d.addErrback(self._failed, request)
         d.addCallback(self._answer, request, finished)
@@ -343,12 +398,68 @@ class MetricsPage(_TokenRequired):
         self._metrics = metrics
 
     def renderFor(self, request, client):
-        refused = _readOnly(request)
+        refused = _readOnly(request) or _adminOnly(request, client)
         if refused is not None:
             return refused
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
         return generate_latest(self._metrics.registry)
+
+
+class Me(_TokenRequired):
+    """
+    C{/hermux/me}: the caller's own name, role, limits, what it used today
+    and what remains of its daily limits.
+    """
+
+    def __init__(self, book: ClientBook, gate: Gate):
+        super().__init__(gate)
+        self._book = book
+
+    def renderFor(self, request, client):
+        return _readOnly(request) or _json(request, _aboutClient(client, *self._book.today(client.label)))
+
+
+def _credits(nanocredits: int | None) -> float | None:
+    return None if nanocredits is None else nanocredits / NANOCREDITS
+
+
+def _aboutClient(client: Client, admitted: int, counts) -> dict:
+    entry = client.entry
+    today = dict(zip(COUNTERS, counts))
+    # A client's requests today are those admitted, as daily_requests counts.
+    today.update(requests=admitted, cost=_credits(counts.cost))
+    if entry is None:
+        return {
+            "name": client.label,
+            "role": "admin",
+            "limits": dict.fromkeys(_LIMITS),
+            "today": today,
+            "remaining": {"requests": None, "cost": None},
+        }
+    return {
+        "name": client.label,
+        "role": entry.role.value,
+        "limits": {
+            "daily_requests": entry.dailyRequests,
+            "daily_cost": _credits(entry.dailyCost),
+            "per_minute": entry.perMinute,
+            "max_parallel": entry.maxParallel,
+            "models": None if entry.models is None else list(entry.models),
+            "keys": None if entry.keys is None else list(entry.keys),
+            "expires": None if entry.expires is None else isoTime(entry.expires),
+        },
+        "today": today,
+        "remaining": {
+            "requests": None
+            if entry.dailyRequests is None
+            else max(0, entry.dailyRequests - admitted),
+            "cost": None if entry.dailyCost is None else _credits(max(0, entry.dailyCost - counts.cost)),
+        },
+    }
+
+
+_LIMITS = ("daily_requests", "daily_cost", "per_minute", "max_parallel", "models", "keys", "expires")
 
 
 class Health(Resource):
@@ -383,19 +494,26 @@ def buildRoot(
     metrics: Metrics | None = None,
     throttle: AuthThrottle | None = None,
     reactor=None,
+    book: ClientBook | None = None,
 ) -> Resource:
     """
     The resource tree of a hermux server.
+
+    @param book: the clients' days and limits; by default a new one that
+        starts from C{ledger}'s counts (a L{MemoryLedger}'s: none).
     """
     if reactor is None:
         from twisted.internet import reactor
-    gate = Gate(access, throttle)
+    if book is None:
+        book = ClientBook(ledger if ledger is not None else MemoryLedger(), reactor=reactor)
+    gate = Gate(access, throttle, reactor=reactor)
     root = _Directory()
-    root.putChild(b"api", Forward(b"", pool, gate, relay))
-    root.putChild(b"v1", Forward(b"/api", pool, gate, relay))
+    root.putChild(b"api", Forward(b"", gate, relay, book))
+    root.putChild(b"v1", Forward(b"/api", gate, relay, book))
     own = _Directory()
     own.putChild(b"health", Health(pool, ledger))
     own.putChild(b"keys", Keys(pool, gate))
+    own.putChild(b"me", Me(book, gate))
     if ledger is not None:
         own.putChild(b"usage", UsagePage(ledger, gate, reactor))
     if metrics is not None:

@@ -93,7 +93,20 @@ class Options(usage.Options):
 
     optParameters = [
         ["tokens", None, "tokens.csv", "CSV file of upstream keys: name,token[,daily_limit]."],
-        ["allow", None, "allow.txt", "File of client access tokens, one per line."],
+        [
+            "allow",
+            None,
+            None,
+            "File of access tokens, one per line, for admins without limits "
+            "(default: allow.txt, unless --clients is given).",
+        ],
+        [
+            "clients",
+            None,
+            None,
+            "CSV file of named clients with roles and limits: "
+            "name,token[,role,daily_requests,daily_cost,per_minute,max_parallel,models,keys,expires].",
+        ],
         [
             "state",
             None,
@@ -217,8 +230,10 @@ class Options(usage.Options):
                 self["upstream-ca"] = loadTrustRoot(self["upstream-ca"])
             except ValueError as e:
                 raise usage.UsageError(f"--upstream-ca: {e}")
+        if self["allow"] is None and self["clients"] is None:
+            self["allow"] = "allow.txt"
         try:
-            self["configuration"] = loadConfiguration(self["tokens"], self["allow"])
+            self["configuration"] = loadConfiguration(self["tokens"], self["allow"], self["clients"])
         except ConfigError as e:
             raise usage.UsageError(str(e))
 

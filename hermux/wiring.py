@@ -19,6 +19,7 @@ from twisted.application.service import IService
 from twisted.web.resource import Resource
 
 from hermux.access import AccessList, AuthThrottle, TrustedProxies
+from hermux.clients import ClientBook, TalliedLedger
 from hermux.config import Configuration
 from hermux.demo import DemoUpstream
 from hermux.keypool import KeyPool
@@ -49,6 +50,7 @@ class Components:
     ledger: ILedger
     requestLog: IRequestLog | None
     pool: KeyPool
+    clients: ClientBook
     access: AccessList
     throttle: AuthThrottle
     upstream: Upstream
@@ -75,9 +77,10 @@ def assemble(
     touches the disk, and what to do when that fails is the caller's.
     """
     metrics = Metrics()
-    pool = KeyPool(configuration.keys, ledger=ledger, reactor=reactor)
+    clients = ClientBook(ledger, reactor=reactor)
+    pool = KeyPool(configuration.keys, ledger=TalliedLedger(ledger, clients), reactor=reactor)
     metrics.watch(pool)
-    access = AccessList(configuration.accessTokens)
+    access = AccessList(configuration.accessTokens, configuration.clients)
     throttle = AuthThrottle(options["auth-failures"], reactor=reactor)
     upstream = connectToUpstream(
         options["upstream"],
@@ -88,7 +91,7 @@ def assemble(
     relay = Relay(
         upstream, pool, idleTimeout=options["idle-timeout"], metrics=metrics, reactor=reactor
     )
-    root = buildRoot(pool, access, relay, ledger, metrics, throttle, reactor=reactor)
+    root = buildRoot(pool, access, relay, ledger, metrics, throttle, reactor=reactor, book=clients)
     site = HermuxSite(
         root,
         maxBody=options["max-body"],
@@ -100,7 +103,15 @@ def assemble(
         requestLog=requestLog,
         reactor=reactor,
     )
-    reloader = ConfigReloader(options["tokens"], options["allow"], pool, access, reactor=reactor)
+    reloader = ConfigReloader(
+        options["tokens"],
+        options["allow"],
+        pool,
+        access,
+        clientsPath=options.get("clients"),
+        clients=configuration.clients,
+        reactor=reactor,
+    )
     reloader.onReload = metrics.reloaded
 
     services: list[tuple[str, IService]] = [
@@ -126,6 +137,7 @@ def assemble(
         ledger=ledger,
         requestLog=requestLog,
         pool=pool,
+        clients=clients,
         access=access,
         throttle=throttle,
         upstream=upstream,

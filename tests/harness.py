@@ -72,7 +72,8 @@ def hermuxOptions(
     maxConnections: int,
     authFailures: int,
     tokensPath: str,
-    allowPath: str,
+    allowPath: str | None,
+    clientsPath: str | None = None,
 ) -> Options:
     """
     hermux's options with the values a test harness sets, and the defaults
@@ -91,6 +92,7 @@ def hermuxOptions(
             "auth-failures": authFailures,
             "tokens": tokensPath,
             "allow": allowPath,
+            "clients": clientsPath,
         }
     )
     return options
@@ -99,11 +101,21 @@ def hermuxOptions(
 # What each harness exposes of the hermux it built, as attributes of its own.
 COMPONENTS = (
     "site", "pool", "relay", "upstream", "metrics", "access", "throttle", "reloader", "ledger",
+    "clients",
 )
 
 
 def assembleForTest(
-    harness, *, keys, accessTokens, ledger, requestLog, reactor, probeKeys: bool = False, **settings
+    harness,
+    *,
+    keys,
+    accessTokens,
+    ledger,
+    requestLog,
+    reactor,
+    probeKeys: bool = False,
+    clients=(),
+    **settings,
 ):
     """
     Build hermux with the real wiring for a test harness, from plain values
@@ -115,7 +127,7 @@ def assembleForTest(
     options = hermuxOptions(**settings)
     options["probe-keys"] = probeKeys
     components = assemble(
-        Configuration(tuple(keys), tuple(accessTokens)),
+        Configuration(tuple(keys), tuple(accessTokens), tuple(clients)),
         options,
         ledger=ledger if ledger is not None else MemoryLedger(),
         requestLog=requestLog,
@@ -172,8 +184,9 @@ class Proxy(ClientRequests):
     @ivar metrics: its metrics.
     @ivar ledger: its ledger (in memory unless one is given).
     @ivar throttle: its throttle of failed access tokens.
-    @ivar reloader: its configuration reloader, reading C{tokensPath} and
-        C{allowPath}.
+    @ivar reloader: its configuration reloader, reading C{tokensPath},
+        C{allowPath} and C{clientsPath}.
+    @ivar clients: its clients' days and limits (a L{ClientBook}).
     @ivar components: everything L{assemble} built.
     """
 
@@ -197,7 +210,9 @@ class Proxy(ClientRequests):
         authFailures: int = 10,
         requestLog=None,
         tokensPath: str = "tokens.csv",
-        allowPath: str = "allow.txt",
+        allowPath: str | None = "allow.txt",
+        clients=(),
+        clientsPath: str | None = None,
     ):
         self._testCase = testCase
         self.fake = FakeOpenRouter(
@@ -235,6 +250,8 @@ class Proxy(ClientRequests):
             authFailures=authFailures,
             tokensPath=tokensPath,
             allowPath=allowPath,
+            clients=clients,
+            clientsPath=clientsPath,
         )
         testCase.addCleanup(self.upstream.stopService)
         self.port = self._listen(self.site, lambda: len(self.site.channels))

@@ -52,9 +52,11 @@ class _StubRelay:
 
     def __init__(self):
         self.calls = []
+        self.uses = []
 
-    def forward(self, request, target):
+    def forward(self, request, target, use=None):
         self.calls.append((target, recordOf(request).client.label))
+        self.uses.append(use)
         request.write(RELAYED)
         request.finish()
         return succeed(None)
