@@ -310,14 +310,15 @@ def _parseKeyRow(row: list[str], columns: list[str], path: str, line: int) -> Ke
     dailyLimit = dailyCost = None
     text = fields.get("daily_limit")
     if text:
-        if not text.isascii() or not text.isdigit():
+        dailyLimit = _wholeNumber(text, _DAILY_REQUESTS_LARGEST)
+        if dailyLimit is None:
             raise ConfigError(
                 path,
                 f"daily_limit for {name!r} must be a whole number of free-model "
-                f"requests, 0 or more (or empty for no limit), not {text!r}",
+                f"requests, from 0 to {_DAILY_REQUESTS_LARGEST} (or empty for no limit), "
+                f"not {_shown(text)}",
                 line,
             )
-        dailyLimit = int(text)
     text = fields.get("daily_cost")
     if text:
         dailyCost = _nanocredits(text)

@@ -475,6 +475,23 @@ class ParseKeysTests(ConfigErrorAssertions, SynchronousTestCase):
                 line=2,
             )
 
+    def test_dailyLimitTooLarge(self):
+        """
+        A daily limit past a billion, or of thousands of digits (which
+        int() would refuse with a ValueError), is an error of its own.
+        """
+        for text in ("1000000001", "9" * 5000, "0" * 50 + "1" * 11):
+            error = self.assertConfigError(
+                parseKeys,
+                f"name,token,daily_limit\ntoto,{SECRET_A},{text}\n",
+                "keys.csv",
+                path="keys.csv",
+                line=2,
+            )
+            self.assertLess(len(str(error)), 300)
+        (key,) = parseKeys(f"name,token,daily_limit\ntoto,{SECRET_A},{'0' * 50}7\n")
+        self.assertEqual(key.dailyLimit, 7)
+
     def test_dailyLimitMissingInARow(self):
         """
         With a C{daily_limit} header, each row has three columns (the third
