@@ -466,3 +466,56 @@ def _adminLabel() -> str:
     from hermux.access import clientLabel
 
     return clientLabel(ADMIN_TOKEN)
+
+
+class ExpiredAndThrottledTests(SynchronousTestCase):
+    def test_expiredIsNoGuess(self):
+        """
+        An expired token is refused, but not counted as a failed one: the
+        address is not throttled for it.
+        """
+        import treq
+        from treq.testing import StubTreq
+
+        from hermux.access import AccessList, AuthThrottle
+        from hermux.keypool import KeyPool
+        from hermux.resource import buildRoot
+        from tests.test_resource import KEYS, _StubRelay
+
+        clock = Clock()
+        clock.advance(LATE)
+        expired = ClientEntry(name="old", token=BOT_TOKEN, expires=LATE - 1)
+        access = AccessList([ADMIN_TOKEN], [expired])
+        root = buildRoot(
+            KeyPool(KEYS, reactor=clock), access, _StubRelay(),
+            throttle=AuthThrottle(1, reactor=clock), reactor=clock,
+        )
+        stub = StubTreq(root)
+
+        def status(token):
+            response = self.successResultOf(
+                stub.get("http://hermux.test/hermux/me", headers={"Authorization": f"Bearer {token}"})
+            )
+            self.successResultOf(treq.content(response))
+            return response.code
+
+        self.assertEqual([status(BOT_TOKEN) for _ in range(3)], [401, 401, 401])
+        self.assertEqual(status(ADMIN_TOKEN), 200)
+        self.assertEqual(status("hx-a-wrong-guess-000"), 401)
+        self.assertEqual(status("hx-another-wrong-guess-000"), 429)
+
+
+class ReloadDescriptionTests(SynchronousTestCase):
+    def test_byNameOnly(self):
+        """
+        What a reload changed in clients.csv, by name only.
+        """
+        from hermux.reload import describeClientChanges
+
+        old = (ClientEntry("a", "ta"), ClientEntry("b", "tb"), ClientEntry("c", "tc"))
+        new = (ClientEntry("a", "ta"), ClientEntry("b", "tb", dailyRequests=3), ClientEntry("d", "td"))
+        self.assertEqual(
+            describeClientChanges(old, new),
+            ["clients added: d", "clients removed: c", "clients changed: b"],
+        )
+        self.assertEqual(describeClientChanges(old, old), [])

@@ -415,6 +415,40 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("an access token is also an upstream key", str(error))
         self.assertNotIn(KEYS[0].token, str(error))
 
+    def test_clientsAlone(self):
+        """
+        With C{--clients} and no C{--allow}, allow.txt is not read (here
+        there is none), and the clients are the configuration's.
+        """
+        tokens, _ = writeConfiguration(self)
+        clients = os.path.abspath(self.mktemp())
+        with open(clients, "w") as f:
+            f.write("name,token,daily_requests\nci-bot,hx-tap-ci-bot-token-77,5\n")
+        os.chdir(os.path.dirname(clients))
+        options = parseOptions("--tokens", tokens, "--clients", clients, "--state", self.mktemp())
+        self.assertIsNone(options["allow"])
+        configuration = options["configuration"]
+        self.assertEqual(configuration.accessTokens, ())
+        self.assertEqual([(c.name, c.dailyRequests) for c in configuration.clients], [("ci-bot", 5)])
+
+    def test_clientsWithAllow(self):
+        """
+        Both files may be given; a token in both stops hermux with one line
+        naming clients.csv, never quoting the token.
+        """
+        tokens, allow = writeConfiguration(self)
+        clients = os.path.abspath(self.mktemp())
+        with open(clients, "w") as f:
+            f.write(f"name,token\nci-bot,hx-tap-ci-bot-token-77\nboth,{ACCESS_TOKEN}\n")
+        arguments = ["--tokens", tokens, "--allow", allow, "--clients", clients]
+        error = self.assertRaises(usage.UsageError, parseOptions, *arguments, "--state", self.mktemp())
+        self.assertIn(f"{clients}, line 3", str(error))
+        self.assertNotIn(ACCESS_TOKEN, str(error))
+        with open(clients, "w") as f:
+            f.write("name,token\nci-bot,hx-tap-ci-bot-token-77\n")
+        configuration = parseOptions(*arguments, "--state", self.mktemp())["configuration"]
+        self.assertEqual((len(configuration.accessTokens), len(configuration.clients)), (1, 1))
+
     def test_badListenStopsWithOneLine(self):
         tokens, allow = writeConfiguration(self)
         options = Options()
