@@ -111,7 +111,7 @@ class _UsageCollector:
         )
         clientRequests = CounterMetricFamily(
             "hermux_client_requests",
-            "Client requests answered, by client (its label in allow.txt).",
+            "Client requests answered, by client (its name in clients.csv, its label for allow.txt).",
             labels=["client"],
         )
         clientCost = CounterMetricFamily(

@@ -502,7 +502,7 @@ class LoadClientsTests(ClientErrorAssertions, SynchronousTestCase):
         self.assertEqual(len(configuration.clients), 3)
         self.assertEqual(
             [client.role for client in configuration.clients],
-            [Role.ADMIN, Role.USER, Role.USER],
+            [Role.USER, Role.ADMIN, Role.USER],
         )
         for client in configuration.clients:
             self.assertTrue(client.token.startswith("hx-example-"), client.name)
