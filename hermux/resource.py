@@ -39,7 +39,8 @@ from hermux.access import AccessList, AuthThrottle, Client
 from hermux.clients import ClientBook, LimitRefusal, notAllowedModel
 from hermux.errors import ErrorResource, renderError
 from hermux.hygiene import BadTarget, upstreamTarget
-from hermux.keypool import NANOCREDITS, KeyPool, KeyStatus, dayOf, isoTime
+from hermux import __version__
+from hermux.keypool import NANOCREDITS, KeyPool, KeyStatus, State, dayOf, isoTime
 from hermux.ledger import COUNTERS, ILedger, MemoryLedger, TooManyRows
 from hermux.metrics import Metrics
 from hermux.record import printable, recordOf
@@ -464,26 +465,51 @@ _LIMITS = ("daily_requests", "daily_cost", "per_minute", "max_parallel", "models
 
 class Health(Resource):
     """
-    C{/hermux/health}: whether hermux is up, for anyone to ask.  It says
-    "degraded" (still with 200: hermux still proxies) while usage counts
-    cannot be written.
+    C{/hermux/health}: whether hermux is up, for anyone to ask: its version,
+    uptime and how many keys are ready.  It says "degraded" (still with
+    200: hermux still proxies) with the problem while usage counts cannot
+    be written, or while another of C{problems} (callables giving a
+    sentence, or L{None} when all is well) has one.
     """
 
     isLeaf = True
 
-    def __init__(self, pool: KeyPool, ledger: ILedger | None = None):
+    def __init__(self, pool: KeyPool, ledger: ILedger | None = None, *, reactor=None, problems=()):
         super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
         self._pool = pool
-        self._ledger = ledger
+        self._reactor = reactor
+        self._started = reactor.seconds()
+        self._problems = tuple(problems)
+        if ledger is not None:
+            self._problems = (_ledgerProblem(ledger), *self._problems)
 
     def render(self, request):
         refused = _readOnly(request)
         if refused is not None:
             return refused
-        health = {"status": "ok", "keys": len(self._pool.keys)}
-        if self._ledger is not None and self._ledger.problem is not None:
-            health.update(status="degraded", problem="usage counts cannot be written to the state file")
+        statuses = self._pool.statuses()
+        health = {
+            "status": "ok",
+            "version": __version__,
+            "uptime": int(self._reactor.seconds() - self._started),
+            "keys": len(statuses),
+            "keys_ready": sum(status.state is State.READY for status in statuses),
+        }
+        problems = [problem for problem in (check() for check in self._problems) if problem]
+        if problems:
+            health.update(status="degraded", problem="; ".join(problems))
         return _json(request, health)
+
+
+def _ledgerProblem(ledger: ILedger):
+    def problem() -> str | None:
+        if ledger.problem is None:
+            return None
+        return "usage counts cannot be written to the state file"
+
+    return problem
 
 
 def buildRoot(
@@ -495,9 +521,12 @@ def buildRoot(
     throttle: AuthThrottle | None = None,
     reactor=None,
     book: ClientBook | None = None,
+    problems=(),
 ) -> Resource:
     """
     The resource tree of a hermux server.
+
+    @param problems: more checks for C{/hermux/health} (see L{Health}).
 
     @param book: the clients' days and limits; by default a new one that
         starts from C{ledger}'s counts (a L{MemoryLedger}'s: none).
@@ -511,7 +540,7 @@ def buildRoot(
     root.putChild(b"api", Forward(b"", gate, relay, book))
     root.putChild(b"v1", Forward(b"/api", gate, relay, book))
     own = _Directory()
-    own.putChild(b"health", Health(pool, ledger))
+    own.putChild(b"health", Health(pool, ledger, reactor=reactor, problems=problems))
     own.putChild(b"keys", Keys(pool, gate))
     own.putChild(b"me", Me(book, gate))
     if ledger is not None:

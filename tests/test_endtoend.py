@@ -150,7 +150,11 @@ class RelayTests(TestCase):
         response = await proxy.request("GET", "/hermux/health", token=None)
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("Server"), ["hermux"])
-        self.assertEqual(json.loads(await response.content()), {"status": "ok", "keys": 3})
+        health = json.loads(await response.content())
+        self.assertEqual(
+            {name: health[name] for name in ("status", "keys", "keys_ready")},
+            {"status": "ok", "keys": 3, "keys_ready": 3},
+        )
 
 
 class StreamingTests(TestCase):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 
 import treq
+
+import hermux
 from treq.testing import StubTreq
 from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
@@ -68,7 +70,7 @@ class ResourceTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.ledger = MemoryLedger()
         self.pool = KeyPool(KEYS, ledger=self.ledger, reactor=self.clock)
-        root = buildRoot(self.pool, AccessList([ACCESS_TOKEN]), self.relay)
+        root = buildRoot(self.pool, AccessList([ACCESS_TOKEN]), self.relay, reactor=self.clock)
         self.stub = StubTreq(root)
 
     def respond(self, method, path, *, authorization=f"Bearer {ACCESS_TOKEN}", data=None):
@@ -347,12 +349,17 @@ class HealthTests(ResourceTestCase):
 
     def test_healthNeedsNoToken(self):
         """
-        GET /hermux/health answers 200 with the number of keys, without a
-        token, never to be cached.
+        GET /hermux/health answers 200 with the version, the uptime and
+        the number of keys and of those ready, without a token, never to be
+        cached.
         """
+        self.clock.advance(7.5)
         response = self.respond("GET", "/hermux/health", authorization=None)
         self.assertEqual(response.code, 200)
-        self.assertEqual(json.loads(response.body), {"status": "ok", "keys": 2})
+        self.assertEqual(
+            json.loads(response.body),
+            {"status": "ok", "version": hermux.__version__, "uptime": 7, "keys": 2, "keys_ready": 2},
+        )
         self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["application/json"])
         self.assertEqual(response.headers.getRawHeaders("Cache-Control"), ["no-store"])
         self.assertEqual(self.relay.calls, [])
