@@ -29,6 +29,8 @@ setup(
         "test": ["hypothesis>=6.100", "openai>=1.30"],
     },
     entry_points={"console_scripts": ["hermux = hermux.cli:main"]},
+    # The dashboard's page, script and style (hermux/dashboard.py serves them).
+    package_data={"hermux": ["dashboard/*.html", "dashboard/*.js", "dashboard/*.css"]},
     include_package_data=True,
     zip_safe=False,
 )

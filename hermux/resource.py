@@ -4,7 +4,8 @@ hermux's resource tree, which authenticates and routes each request.
 
     /api/...      forwarded upstream as is
     /v1/...       forwarded as /api/v1/...
-    /hermux/...   hermux's own: health, keys, metrics, usage, me
+    /hermux/...   hermux's own: the dashboard (/hermux/ and /hermux/static/),
+                  health, keys, metrics, usage, me
     anything else 404
 
 Admin access tokens (allow.txt's, and clients.csv's with the admin role)
@@ -35,6 +36,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from hermux import dashboard
 from hermux.access import AccessList, AuthThrottle, Client
 from hermux.clients import ClientBook, LimitRefusal, notAllowedModel
 from hermux.errors import ErrorResource, renderError
@@ -49,8 +51,8 @@ from hermux.usagereport import UsageQueryError, parseUsageQuery, reportBody
 
 _NOT_FOUND = ErrorResource(
     404,
-    "not found; hermux serves /api/..., /v1/..., /hermux/health, /hermux/keys, "
-    "/hermux/metrics, /hermux/usage and /hermux/me",
+    "not found; hermux serves /api/..., /v1/..., the dashboard at /hermux/, "
+    "/hermux/health, /hermux/keys, /hermux/metrics, /hermux/usage and /hermux/me",
 )
 _ADMINS_ONLY = "this endpoint needs an admin access token"
 
@@ -70,6 +72,18 @@ class _Directory(Resource):
         return _NOT_FOUND
 
     def render(self, request):
+        return _NOT_FOUND.render(request)
+
+
+class _Own(_Directory):
+    """
+    C{/hermux/...}; C{/hermux} itself, without the slash, leads to the
+    dashboard.
+    """
+
+    def render(self, request):
+        if request.method in (b"GET", b"HEAD"):
+            return dashboard.addSlash(request)
         return _NOT_FOUND.render(request)
 
 
@@ -539,7 +553,9 @@ def buildRoot(
     root = _Directory()
     root.putChild(b"api", Forward(b"", gate, relay, book))
     root.putChild(b"v1", Forward(b"/api", gate, relay, book))
-    own = _Directory()
+    own = _Own()
+    own.putChild(b"", dashboard.dashboardPage())
+    own.putChild(b"static", dashboard.staticFiles())
     own.putChild(b"health", Health(pool, ledger, reactor=reactor, problems=problems))
     own.putChild(b"keys", Keys(pool, gate))
     own.putChild(b"me", Me(book, gate))

@@ -33,7 +33,7 @@ RELAYED = b"relayed by the stub"
 DAY = 20424
 TODAY, YESTERDAY = dayText(DAY), dayText(DAY - 1)
 
-UNKNOWN_PATHS = ("/", "/foo", "/hermux", "/hermux/", "/hermux/nope", "/hermux/health/extra")
+UNKNOWN_PATHS = ("/", "/foo", "/hermux/nope", "/hermux/health/extra", "/hermux/static/nope")
 BAD_TARGETS = (
     "/api/v1/%2e%2e/x",
     "/api/v1/%2E%2E/keys",
