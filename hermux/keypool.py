@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from enum import Enum
 from typing import TYPE_CHECKING, NamedTuple
@@ -228,6 +228,10 @@ class _Account:
     capped by C{dailyLimit} (what OpenRouter caps), paid ones by
     C{dailyCost} (nanocredits a day); C{freeUntil} and C{paidUntil} keep the
     key from one kind of request only, after the upstream said so.
+
+    The counts are this instance's; the C{other*} counts are what the other
+    instances sharing the pool (L{hermux.shared}) counted today, and every
+    choice and limit reads their sum.
     """
 
     key: Key
@@ -248,6 +252,11 @@ class _Account:
     disabled: bool = False
     disabledUntil: float | None = None
     disabledReason: str | None = None
+    otherRequests: int = 0
+    otherFreeRequests: int = 0
+    otherRateLimited: int = 0
+    otherErrors: int = 0
+    otherCost: int = 0
 
     @property
     def dailyCost(self) -> int | None:
@@ -271,12 +280,35 @@ class _Account:
 
     def resetDay(self) -> None:
         self.requests = self.freeRequests = self.rateLimited = self.errors = self.cost = 0
+        self.takeElsewhere(_NO_COUNTS)
+
+    def takeElsewhere(self, counts: tuple[int, int, int, int, int]) -> None:
+        """
+        Take the other instances' counts of today: requests, free-model
+        requests, rate limited, errors and cost.
+        """
+        (
+            self.otherRequests,
+            self.otherFreeRequests,
+            self.otherRateLimited,
+            self.otherErrors,
+            self.otherCost,
+        ) = counts
+
+    def ownCounts(self) -> tuple[int, int, int, int, int]:
+        """
+        This instance's counts, as L{takeElsewhere} takes another's.
+        """
+        return (self.requests, self.freeRequests, self.rateLimited, self.errors, self.cost)
 
     def _freeLimitReached(self) -> bool:
-        return self.dailyLimit is not None and self.freeRequests >= self.dailyLimit
+        return (
+            self.dailyLimit is not None
+            and self.freeRequests + self.otherFreeRequests >= self.dailyLimit
+        )
 
     def _costLimitReached(self) -> bool:
-        return self.dailyCost is not None and self.cost >= self.dailyCost
+        return self.dailyCost is not None and self.cost + self.otherCost >= self.dailyCost
 
     def freeUsableAt(self, now: float) -> float:
         """
@@ -369,14 +401,14 @@ class _Account:
         return KeyStatus(
             name=self.key.name,
             state=state,
-            requestsToday=self.requests,
+            requestsToday=self.requests + self.otherRequests,
             dailyLimit=self.dailyLimit,
-            rateLimitedToday=self.rateLimited,
-            errorsToday=self.errors,
+            rateLimitedToday=self.rateLimited + self.otherRateLimited,
+            errorsToday=self.errors + self.otherErrors,
             usableAt=None if state is State.READY else self.usableAt(now),
             reason=self.reason(state, now),
-            freeRequestsToday=self.freeRequests,
-            costToday=self.cost,
+            freeRequestsToday=self.freeRequests + self.otherFreeRequests,
+            costToday=self.cost + self.otherCost,
             dailyCost=self.dailyCost,
             freeReason=self._freeReason(now),
             paidReason=self._paidReason(now),
@@ -390,10 +422,10 @@ class _Account:
         fewest requests otherwise.
         """
         if free is True:
-            return self.freeRequests
+            return self.freeRequests + self.otherFreeRequests
         if free is False:
-            return (self.cost, self.requests)
-        return self.requests
+            return (self.cost + self.otherCost, self.requests + self.otherRequests)
+        return self.requests + self.otherRequests
 
 
 class Attempt:
@@ -493,6 +525,10 @@ class KeyPool(Service):
         self._accounts = {key.name: _Account(key, key.dailyLimit) for key in keys}
         self._day = dayOf(reactor.seconds())
         self._loadDay()
+        # Told of each verdict this instance applies, and of each key the
+        # prober reinstates (for the other instances, see hermux.shared).
+        self.onVerdict: Callable[[str, Verdict], object] | None = None
+        self.onReinstate: Callable[[str], object] | None = None
 
     @property
     def keys(self) -> tuple[Key, ...]:
@@ -624,17 +660,78 @@ class KeyPool(Service):
         account.errors += counted.errors
         if not self._apply(account, verdict, now):
             return counted
+        self._logVerdict(account, verdict, now)
+        if self.onVerdict is not None:
+            self.onVerdict(key.name, _resolved(account, verdict))
+        return counted
+
+    def _logVerdict(self, account: _Account, verdict: Verdict, now: float, source: str = "") -> None:
         state = account.state(now)
         scope = verdict.scope
         self._log.warn(
-            "key {key} is {state}{scopeNote} until {until}: {reason}",
-            key=key.name,
-            state=state.value if scope is Scope.ALL else kind.value,
+            "key {key} is {state}{scopeNote} until {until}{source}: {reason}",
+            key=account.key.name,
+            state=state.value if scope is Scope.ALL else verdict.kind.value,
             scopeNote="" if scope is Scope.ALL else f" for {scope.value} requests",
             until=_untilText(account.usableAt(now, _SCOPE_FREE[scope])),
+            source=source,
             reason=verdict.reason or account.reason(state, now) or "-",
         )
-        return counted
+
+    def learn(self, name: str, verdict: Verdict, source: str) -> None:
+        """
+        Apply a verdict that another instance sharing the pool applied to
+        the key named C{name} (see L{hermux.shared}); C{source} names that
+        instance.  It counts nothing here: that instance counted it.
+        """
+        now = self._now()
+        account = self._accounts.get(name)
+        if account is None or not verdict.penalizes:
+            return
+        if verdict.until is not None and verdict.until <= now:
+            return
+        before = _stateOf(account)
+        if self._apply(account, verdict, now) and _stateOf(account) != before:
+            self._logVerdict(account, verdict, now, f" (as instance {source} found)")
+
+    def learnReinstated(self, name: str, source: str) -> None:
+        """
+        Another instance's prober found the key named C{name} accepted
+        again: undo a disabled-until-reload state here too.
+        """
+        account = self._accounts.get(name)
+        if account is not None and account.key in self.disabledKeys():
+            self._reinstate(account, f"instance {source} found it accepted again")
+
+    def activeVerdicts(self) -> list[tuple[str, Verdict]]:
+        """
+        The states that keep keys from requests now, as verdicts: what an
+        instance tells a Redis that lost them (see L{hermux.shared}).
+        """
+        now = self._now()
+        verdicts = []
+        for name, account in self._accounts.items():
+            for verdict in _verdictsOf(account, now):
+                verdicts.append((name, verdict))
+        return verdicts
+
+    def ownCounts(self) -> dict[str, tuple[int, int, int, int, int]]:
+        """
+        This instance's counts of today per key (by name): requests,
+        free-model requests, rate limited, errors and cost.
+        """
+        self._now()
+        return {name: account.ownCounts() for name, account in self._accounts.items()}
+
+    def takeElsewhere(self, day: int, counts: Mapping[str, tuple[int, int, int, int, int]]) -> None:
+        """
+        Take the other instances' counts of C{day} per key, if it is today.
+        """
+        self._now()
+        if day != self._day:
+            return
+        for name, account in self._accounts.items():
+            account.takeElsewhere(counts.get(name, _NO_COUNTS))
 
     def _apply(self, account: _Account, verdict: Verdict, now: float) -> bool:
         """
@@ -741,20 +838,71 @@ class KeyPool(Service):
         """
         if key not in self.disabledKeys():
             return False
-        account = self._accounts[key.name]
+        self._reinstate(self._accounts[key.name], reason)
+        if self.onReinstate is not None:
+            self.onReinstate(key.name)
+        return True
+
+    def _reinstate(self, account: _Account, reason: str) -> None:
         account.disabled = False
         account.disabledUntil = None
         account.disabledReason = None
-        now = self._now()
         self._log.info(
             "key {key} is {state} again: {reason}",
-            key=key.name,
-            state=account.state(now).value,
+            key=account.key.name,
+            state=account.state(self._now()).value,
             reason=reason,
         )
-        return True
 
 
+def _resolved(account: _Account, verdict: Verdict) -> Verdict:
+    """
+    C{verdict} as applied to C{account}: with the time its state ends.
+    """
+    kind, scope = verdict.kind, verdict.scope
+    if kind is Kind.DISABLED and scope is Scope.ALL:
+        until = account.disabledUntil
+    elif scope is Scope.FREE:
+        until = account.freeUntil
+    elif scope is Scope.PAID:
+        until = account.paidUntil
+    elif kind is Kind.COOLING:
+        until = account.coolingUntil
+    else:
+        until = account.exhaustedUntil
+    return attr.evolve(verdict, until=until)
+
+
+def _stateOf(account: _Account) -> tuple:
+    return (
+        account.coolingUntil,
+        account.exhaustedUntil,
+        account.freeUntil,
+        account.paidUntil,
+        account.disabled,
+        account.disabledUntil,
+    )
+
+
+def _verdictsOf(account: _Account, now: float) -> list[Verdict]:
+    """
+    The verdicts that would put C{account} in the state it is in now.
+    """
+    verdicts = []
+    if account.disabled and (account.disabledUntil is None or now < account.disabledUntil):
+        verdicts.append(Verdict(Kind.DISABLED, account.disabledUntil, account.disabledReason))
+    for until, kind, reason, scope in (
+        (account.exhaustedUntil, Kind.EXHAUSTED, account.exhaustedReason, Scope.ALL),
+        (account.coolingUntil, Kind.COOLING, account.coolingReason, Scope.ALL),
+        (account.freeUntil, Kind.EXHAUSTED, account.freeUntilReason, Scope.FREE),
+        (account.paidUntil, Kind.EXHAUSTED, account.paidUntilReason, Scope.PAID),
+    ):
+        if now < until:
+            verdicts.append(Verdict(kind, until, reason, scope=scope))
+    return verdicts
+
+
+_NO_COUNTS = (0, 0, 0, 0, 0)
 _ONE_RATE_LIMITED = Counts(rateLimited=1)
 _ONE_ERROR = Counts(errors=1)
 # Where Attempt's row holds these counters (Counts' order).
