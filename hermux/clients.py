@@ -10,6 +10,8 @@ the counts the ledger was given for it today (tokens, credits).  It learns
 the last through L{TalliedLedger}, the ledger the key pool writes to.
 Labels come from the configuration, never from a client, so what it keeps
 is bounded by the configuration; a new UTC day starts everyone at zero.
+With several instances sharing the pool (L{hermux.shared}), it also keeps
+what the others counted, and every limit reads the sum.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from hermux.record import printable
 
 _MINUTE = 60.0
 _NOTHING = Counts()
+_NONE_ELSEWHERE = (0, 0, _NOTHING)
 
 
 class LimitRefusal(Exception):
@@ -94,6 +97,10 @@ class _Today:
     inFlight: int = 0
     counts: Counts = _NOTHING
     recent: deque | None = None  # admission times, for per_minute
+    # What the other instances sharing the pool counted.
+    otherAdmitted: int = 0
+    otherInFlight: int = 0
+    elsewhere: Counts = _NOTHING
 
 
 class Admission:
@@ -117,6 +124,16 @@ class Admission:
             today.inFlight -= 1
         return ignored
 
+    def withdraw(self) -> None:
+        """
+        The request was not admitted after all (the pool-wide check said
+        so): it counts toward nothing.
+        """
+        today = self._today
+        if today is not None:
+            today.admitted -= 1
+            self.release()
+
 
 class ClientBook:
     """
@@ -134,23 +151,34 @@ class ClientBook:
 
     def __init__(self, ledger: ILedger, *, reactor):
         self._reactor = reactor
+        # Asks the other instances whether a request may be admitted (see
+        # hermux.shared.SharedPool.confirm); None for one instance alone.
+        self.confirmer = None
         self._day = dayOf(reactor.seconds())
         self._clients: dict[str, _Today] = {}
         for label, counts in ledger.clientUsage(self._day).items():
             self._clients[label] = _Today(admitted=counts.requests, counts=counts)
 
-    def _todayOf(self, label: str, now: float) -> _Today:
+    def _rollover(self, now: float) -> None:
+        """
+        Start a new UTC day if one began since last asked.
+        """
         day = dayOf(now)
-        if day != self._day:
-            self._day = day
-            # Reset in place: requests in flight at midnight stay in flight,
-            # and their admissions hold on to these.
-            kept = {}
-            for name, today in self._clients.items():
-                if today.inFlight or today.recent:
-                    today.admitted, today.counts = 0, _NOTHING
-                    kept[name] = today
-            self._clients = kept
+        if day == self._day:
+            return
+        self._day = day
+        # Reset in place: requests in flight at midnight stay in flight,
+        # and their admissions hold on to these.
+        kept = {}
+        for name, today in self._clients.items():
+            if today.inFlight or today.recent:
+                today.admitted, today.counts = 0, _NOTHING
+                today.otherAdmitted, today.elsewhere = 0, _NOTHING
+                kept[name] = today
+        self._clients = kept
+
+    def _todayOf(self, label: str, now: float) -> _Today:
+        self._rollover(now)
         today = self._clients.get(label)
         if today is None:
             today = self._clients[label] = _Today()
@@ -179,7 +207,8 @@ class ClientBook:
         admission times to add this one to, for C{per_minute}.
         """
         untilMidnight = max(1, math.ceil(nextMidnight(now) - now))
-        if entry.dailyRequests is not None and today.admitted >= entry.dailyRequests:
+        admitted = today.admitted + today.otherAdmitted
+        if entry.dailyRequests is not None and admitted >= entry.dailyRequests:
             raise LimitRefusal(
                 429,
                 f"this access token's daily_requests limit of {entry.dailyRequests} "
@@ -187,7 +216,7 @@ class ClientBook:
                 "daily_requests",
                 untilMidnight,
             )
-        if entry.dailyCost is not None and today.counts.cost >= entry.dailyCost:
+        if entry.dailyCost is not None and today.counts.cost + today.elsewhere.cost >= entry.dailyCost:
             raise LimitRefusal(
                 429,
                 f"this access token's daily_cost of {creditsText(entry.dailyCost)} "
@@ -212,7 +241,7 @@ class ClientBook:
                     "per_minute",
                     wait,
                 )
-        if entry.maxParallel is not None and today.inFlight >= entry.maxParallel:
+        if entry.maxParallel is not None and today.inFlight + today.otherInFlight >= entry.maxParallel:
             raise LimitRefusal(
                 429,
                 f"this access token's max_parallel limit of {entry.maxParallel} "
@@ -222,13 +251,46 @@ class ClientBook:
             )
         return recent
 
+    def confirm(self, client: Client, admission: Admission):
+        """
+        L{None} if C{admission} stands as it is; else a L{Deferred} that
+        fires when the other instances sharing the pool agree, or fails
+        with L{LimitRefusal} (the admission withdrawn) if they do not.
+        """
+        if self.confirmer is None:
+            return None
+        return self.confirmer(client, admission)
+
     def today(self, label: str) -> tuple[int, Counts]:
         """
         The requests admitted today for the client labelled C{label}, and
-        the ledger's counts of it today.
+        the ledger's counts of it today, pool-wide.
         """
         today = self._todayOf(label, self._reactor.seconds())
-        return today.admitted, today.counts
+        return today.admitted + today.otherAdmitted, today.counts + today.elsewhere
+
+    def ownCounts(self) -> dict[str, tuple[int, int, Counts]]:
+        """
+        This instance's day of each client: requests admitted and in
+        flight, and the ledger's counts.
+        """
+        self._rollover(self._reactor.seconds())
+        return {
+            label: (today.admitted, today.inFlight, today.counts)
+            for label, today in self._clients.items()
+        }
+
+    def takeElsewhere(self, day: int, counts: dict[str, tuple[int, int, Counts]]) -> None:
+        """
+        Take the other instances' day of each client, if C{day} is today.
+        """
+        now = self._reactor.seconds()
+        if day != dayOf(now):
+            return
+        for label in counts.keys() - self._clients.keys():
+            self._todayOf(label, now)
+        for label, today in self._clients.items():
+            today.otherAdmitted, today.otherInFlight, today.elsewhere = counts.get(label, _NONE_ELSEWHERE)
 
     def counted(self, day: int, label: str, counts: Counts) -> None:
         """

@@ -236,13 +236,37 @@ class Forward(_TokenRequired):
         try:
             admission = self._admit(request, client, asked)
         except LimitRefusal as refusal:
-            recordOf(request).outcome = f"refused: {refusal.limit}"
-            if refusal.retryAfter is not None:
-                request.setHeader(b"Retry-After", b"%d" % (refusal.retryAfter,))
-            return renderError(request, refusal.code, refusal.message)
-        d = self._relay.forward(request, target, useOf(client, asked))
-        d.addBoth(admission.release)
+            return _refused(request, refusal)
+        use = useOf(client, asked)
+        confirming = self._book.confirm(client, admission)
+        if confirming is None:
+            self._forward(request, target, use, admission)
+        else:
+            # Only for a limited client of a pool shared through Redis: a
+            # moment (a quarter of a second at most) to hear the others.
+            finished = []
+            request.notifyFinish().addBoth(finished.append)
+            confirming.addCallbacks(
+                lambda _: self._confirmed(request, target, use, admission, finished),
+                lambda failure: self._notConfirmed(failure, request, finished),
+            )
         return server.NOT_DONE_YET
+
+    def _forward(self, request, target: bytes, use, admission) -> None:
+        d = self._relay.forward(request, target, use)
+        d.addBoth(admission.release)
+
+    def _confirmed(self, request, target, use, admission, finished: list) -> None:
+        if finished:
+            admission.release()  # the client went away meanwhile
+            return
+        self._forward(request, target, use, admission)
+
+    def _notConfirmed(self, failure, request, finished: list) -> None:
+        failure.trap(LimitRefusal)
+        if not finished:
+            request.write(_refused(request, failure.value))
+            request.finish()
 
     def _admit(self, request, client: Client, asked):
         """
@@ -258,6 +282,16 @@ class Forward(_TokenRequired):
             if why is not None:
                 raise LimitRefusal(403, why, "models")
         return self._book.admit(client)
+
+
+def _refused(request, refusal: LimitRefusal) -> bytes:
+    """
+    The answer to a request a client's limits keep out.
+    """
+    recordOf(request).outcome = f"refused: {refusal.limit}"
+    if refusal.retryAfter is not None:
+        request.setHeader(b"Retry-After", b"%d" % (refusal.retryAfter,))
+    return renderError(request, refusal.code, refusal.message)
 
 
 def _readOnly(request) -> bytes | None:
