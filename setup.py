@@ -24,6 +24,10 @@ setup(
         "pyOpenSSL>=24.0",
         "attrs>=23.1",
         "prometheus-client>=0.20",
+        # --redis: redis-py, maintained by Redis itself, with timeouts, TLS,
+        # UNIX sockets and scripts; hermux.shared runs it in a thread of its
+        # own, off the reactor.
+        "redis>=5.0",
     ],
     extras_require={
         "test": ["hypothesis>=6.100", "openai>=1.30"],
