@@ -189,6 +189,9 @@ class AuthThrottle:
         self._reactor = reactor
         self._failed: OrderedDict[str, deque[float]] = OrderedDict()
         self._known: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
+        # Told of each failure, by address and time, for the other
+        # instances sharing the pool (see hermux.shared).
+        self.onFailure = None
 
     @staticmethod
     def _addressKey(address) -> str | None:
@@ -255,14 +258,32 @@ class AuthThrottle:
         key = self._addressKey(address)
         if not self.failures or key is None:
             return False
+        now = self._reactor.seconds()
         times = self._failed.pop(key, None)
         if times is None:
             times = deque(maxlen=self.failures)
-        times.append(self._reactor.seconds())
+        times.append(now)
+        self._remember(key, times)
+        if self.onFailure is not None:
+            self.onFailure(key, now)
+        return self._wait(key) > 0
+
+    def _remember(self, key: str, times: deque) -> None:
         self._failed[key] = times
         while len(self._failed) > self._maxAddresses:
             self._failed.popitem(last=False)
-        return self._wait(key) > 0
+
+    def merge(self, host: str, times: Iterable[float]) -> None:
+        """
+        Take the times of failures from C{host} (an IP address as text)
+        that other instances counted; those already known here are not
+        counted twice.
+        """
+        if not self.failures:
+            return
+        known = self._failed.pop(host, ())
+        merged = sorted({*known, *times})[-self.failures :]
+        self._remember(host, deque(merged, maxlen=self.failures))
 
     def __len__(self) -> int:
         """

@@ -21,6 +21,8 @@ __all__ = [
     "ClientBook",
     "LimitRefusal",
     "TalliedLedger",
+    "dailyRequestsRefusal",
+    "maxParallelRefusal",
     "notAllowedModel",
 ]
 
@@ -58,6 +60,32 @@ class LimitRefusal(Exception):
         self.message = message
         self.limit = limit
         self.retryAfter = retryAfter
+
+
+def dailyRequestsRefusal(entry: ClientEntry, now: float) -> LimitRefusal:
+    """
+    The refusal of a request past C{entry}'s C{daily_requests}, at C{now}.
+    """
+    return LimitRefusal(
+        429,
+        f"this access token's daily_requests limit of {entry.dailyRequests} "
+        f"is reached; it resets at 00:00 UTC",
+        "daily_requests",
+        max(1, math.ceil(nextMidnight(now) - now)),
+    )
+
+
+def maxParallelRefusal(entry: ClientEntry) -> LimitRefusal:
+    """
+    The refusal of a request past C{entry}'s C{max_parallel}.
+    """
+    return LimitRefusal(
+        429,
+        f"this access token's max_parallel limit of {entry.maxParallel} requests "
+        f"in flight is reached",
+        "max_parallel",
+        1,
+    )
 
 
 def notAllowedModel(entry: ClientEntry, names: tuple[str, ...] | None, hasBody: bool) -> str | None:
@@ -108,10 +136,13 @@ class Admission:
     A request admitted for a client: in flight until L{release}d.
     """
 
-    __slots__ = ("_today",)
+    __slots__ = ("_today", "admittedBefore", "inFlightBefore")
 
     def __init__(self, today: _Today):
         self._today = today
+        # This instance's counts before this request, for a pool-wide check.
+        self.admittedBefore = today.admitted - 1
+        self.inFlightBefore = today.inFlight
         today.inFlight += 1
 
     def release(self, ignored=None):
@@ -209,13 +240,7 @@ class ClientBook:
         untilMidnight = max(1, math.ceil(nextMidnight(now) - now))
         admitted = today.admitted + today.otherAdmitted
         if entry.dailyRequests is not None and admitted >= entry.dailyRequests:
-            raise LimitRefusal(
-                429,
-                f"this access token's daily_requests limit of {entry.dailyRequests} "
-                f"is reached; it resets at 00:00 UTC",
-                "daily_requests",
-                untilMidnight,
-            )
+            raise dailyRequestsRefusal(entry, now)
         if entry.dailyCost is not None and today.counts.cost + today.elsewhere.cost >= entry.dailyCost:
             raise LimitRefusal(
                 429,
@@ -242,13 +267,7 @@ class ClientBook:
                     wait,
                 )
         if entry.maxParallel is not None and today.inFlight + today.otherInFlight >= entry.maxParallel:
-            raise LimitRefusal(
-                429,
-                f"this access token's max_parallel limit of {entry.maxParallel} "
-                f"requests in flight is reached",
-                "max_parallel",
-                1,
-            )
+            raise maxParallelRefusal(entry)
         return recent
 
     def confirm(self, client: Client, admission: Admission):

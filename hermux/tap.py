@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = ["DEFAULT_LISTEN", "Options", "makeService"]
 
 import ipaddress
+import re
 
 from twisted.application import strports
 from twisted.python import usage
@@ -16,11 +17,13 @@ from hermux.config import ConfigError, loadConfiguration
 from hermux.ledger import LedgerError, SQLiteLedger
 from hermux.lifecycle import HermuxService
 from hermux.requestlog import RequestLogFile
+from hermux.shared import defaultInstanceName, parseRedisURL
 from hermux.site import ensureFileLimit
 from hermux.upstream import loadTrustRoot, parseUpstreamURL
 from hermux.wiring import assemble
 
 DEFAULT_LISTEN = "tcp:3333:interface=127.0.0.1"
+_INSTANCE_NAME = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,63}")
 
 
 def _positive(kind):
@@ -122,6 +125,32 @@ class Options(usage.Options):
             _positive(int),
         ],
         [
+            "redis",
+            None,
+            None,
+            "Share the pool with other instances through Redis: redis://[:password@]host:port/db, "
+            "rediss://... (TLS, verified) or unix:///path/redis.sock (default: no sharing).",
+        ],
+        [
+            "redis-password-file",
+            None,
+            None,
+            "File holding the Redis password, instead of one in --redis.",
+        ],
+        [
+            "redis-prefix",
+            None,
+            "hermux",
+            "The beginning of every Redis key, so that several pools can share one Redis.",
+        ],
+        [
+            "instance-name",
+            None,
+            None,
+            "This instance's name in the shared pool (default: the host name and the first "
+            "listening port).",
+        ],
+        [
             "access-log",
             None,
             None,
@@ -217,6 +246,39 @@ class Options(usage.Options):
         """A reverse proxy's address or network (10.0.0.0/8, ::1), repeatable: only from these peers, X-Forwarded-For or Forwarded name the client address that --auth-failures counts by and the log shows (default: none; the headers are ignored)."""  # noqa: E501 (twistd --help keeps a docstring's line breaks and indentation)
         self["trusted-proxy"].append(network)
 
+    def _redisOptions(self):
+        """
+        Check --redis, --redis-password-file and --instance-name; the
+        password never appears in an error.
+        """
+        if self["redis"] is None:
+            if self["redis-password-file"] is not None:
+                raise usage.UsageError("--redis-password-file needs --redis")
+            return
+        try:
+            target = parseRedisURL(self["redis"])
+        except ValueError as e:
+            raise usage.UsageError(f"--redis: {e}")
+        path = self["redis-password-file"]
+        if path is not None:
+            if target.password is not None:
+                raise usage.UsageError("--redis-password-file: --redis has a password already")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    password = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise usage.UsageError(
+                    f"--redis-password-file {path}: cannot read it ({getattr(e, 'strerror', None) or 'not UTF-8'})"
+                )
+            if not password:
+                raise usage.UsageError(f"--redis-password-file {path}: the file is empty")
+            target = target.withPassword(password)
+        self["redis"] = target
+        if self["instance-name"] is None:
+            self["instance-name"] = defaultInstanceName(self["listen"])
+        elif not _INSTANCE_NAME.fullmatch(self["instance-name"]):
+            raise usage.UsageError("--instance-name: printable ASCII, at most 64 characters")
+
     def postOptions(self):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
@@ -230,6 +292,7 @@ class Options(usage.Options):
                 self["upstream-ca"] = loadTrustRoot(self["upstream-ca"])
             except ValueError as e:
                 raise usage.UsageError(f"--upstream-ca: {e}")
+        self._redisOptions()
         if self["allow"] is None and self["clients"] is None:
             self["allow"] = "allow.txt"
         try:

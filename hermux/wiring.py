@@ -30,6 +30,7 @@ from hermux.relay import Relay
 from hermux.reload import ConfigReloader
 from hermux.requestlog import IRequestLog
 from hermux.resource import buildRoot
+from hermux.shared import SharedPool, defaultInstanceName, parseRedisURL
 from hermux.site import HermuxSite
 from hermux.upstream import Upstream, connectToUpstream
 
@@ -53,6 +54,7 @@ class Components:
     clients: ClientBook
     access: AccessList
     throttle: AuthThrottle
+    shared: SharedPool | None
     upstream: Upstream
     relay: Relay
     root: Resource
@@ -82,6 +84,20 @@ def assemble(
     metrics.watch(pool)
     access = AccessList(configuration.accessTokens, configuration.clients)
     throttle = AuthThrottle(options["auth-failures"], reactor=reactor)
+    shared = None
+    if options.get("redis") is not None:
+        target = options["redis"]
+        if isinstance(target, str):
+            target = parseRedisURL(target)
+        shared = SharedPool(
+            target,
+            pool=pool,
+            book=clients,
+            throttle=throttle,
+            instance=options.get("instance-name") or defaultInstanceName(options["listen"]),
+            prefix=options.get("redis-prefix") or "hermux",
+            reactor=reactor,
+        )
     upstream = connectToUpstream(
         options["upstream"],
         reactor=reactor,
@@ -91,7 +107,17 @@ def assemble(
     relay = Relay(
         upstream, pool, idleTimeout=options["idle-timeout"], metrics=metrics, reactor=reactor
     )
-    root = buildRoot(pool, access, relay, ledger, metrics, throttle, reactor=reactor, book=clients)
+    root = buildRoot(
+        pool,
+        access,
+        relay,
+        ledger,
+        metrics,
+        throttle,
+        reactor=reactor,
+        book=clients,
+        problems=() if shared is None else (shared.problem,),
+    )
     site = HermuxSite(
         root,
         maxBody=options["max-body"],
@@ -120,6 +146,8 @@ def assemble(
         if IService.providedBy(service)
     ]
     services += [("keypool", pool), ("upstream", upstream)]
+    if shared is not None:
+        services.append(("redis", shared))
     if options["demo"]:
         demo = DemoUpstream(upstream, [key.token for key in configuration.keys], reactor=reactor)
         services.append(("demo", demo))
@@ -140,6 +168,7 @@ def assemble(
         clients=clients,
         access=access,
         throttle=throttle,
+        shared=shared,
         upstream=upstream,
         relay=relay,
         root=root,
