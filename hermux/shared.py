@@ -94,6 +94,7 @@ class RedisTarget:
     socket: str | None = None
     db: int = 0
     tls: bool = False
+    username: str | None = None  # a Redis 6 ACL user; None: the default user
     password: str | None = attr.field(default=None, repr=False)
 
     def withPassword(self, password: str) -> RedisTarget:
@@ -102,7 +103,7 @@ class RedisTarget:
 
 def parseRedisURL(text: str) -> RedisTarget:
     """
-    A L{RedisTarget} from C{redis://[:password@]host[:port][/db]},
+    A L{RedisTarget} from C{redis://[[user]:password@]host[:port][/db]},
     C{rediss://...} (TLS) or C{unix:///path/redis.sock[?db=N]}.
 
     @raise ValueError: saying what is wrong, never quoting the password.
@@ -123,7 +124,7 @@ def parseRedisURL(text: str) -> RedisTarget:
 def _passwordOf(parts) -> str | None:
     if parts.password is None:
         if parts.username:
-            raise _Unusable("give the password as redis://:password@host (a user name is not supported)")
+            raise _Unusable("give the password as redis://[user]:password@host")
         return None
     return urllib.parse.unquote(parts.password)
 
@@ -146,6 +147,7 @@ def _tcpTarget(parts) -> RedisTarget:
         port=port,
         db=db,
         tls=parts.scheme == "rediss",
+        username=urllib.parse.unquote(parts.username) if parts.username else None,
         password=_passwordOf(parts),
     )
 
@@ -533,6 +535,7 @@ class SharedPool(Service):
             target = self.target
             common = dict(
                 db=target.db,
+                username=target.username,
                 password=target.password,
                 socket_timeout=_SOCKET_TIMEOUT,
                 socket_connect_timeout=_CONNECT_TIMEOUT,
