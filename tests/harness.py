@@ -74,6 +74,10 @@ def hermuxOptions(
     tokensPath: str,
     allowPath: str | None,
     clientsPath: str | None = None,
+    redis: str | None = None,
+    redisPrefix: str = "hermux",
+    instanceName: str | None = None,
+    redisPasswordFile: str | None = None,
 ) -> Options:
     """
     hermux's options with the values a test harness sets, and the defaults
@@ -82,6 +86,10 @@ def hermuxOptions(
     options = Options()
     options.update(
         {
+            "redis": redis,
+            "redis-prefix": redisPrefix,
+            "instance-name": instanceName,
+            "redis-password-file": redisPasswordFile,
             "upstream": upstream,
             "upstream-ca": trustRoot,
             "connect-timeout": connectTimeout,
@@ -95,6 +103,9 @@ def hermuxOptions(
             "clients": clientsPath,
         }
     )
+    if redis is not None:
+        # As twistd checks them: the URL parsed, the password file read.
+        options._redisOptions()
     return options
 
 
@@ -135,6 +146,8 @@ def assembleForTest(
     )
     for name in COMPONENTS:
         setattr(harness, name, getattr(components, name))
+    # The pool shared through Redis, when --redis is given (else None).
+    harness.shared = getattr(components, "shared", None)
     return components
 
 
@@ -188,6 +201,14 @@ class Proxy(ClientRequests):
         C{allowPath} and C{clientsPath}.
     @ivar clients: its clients' days and limits (a L{ClientBook}).
     @ivar components: everything L{assemble} built.
+    @ivar shared: its pool shared through Redis (with C{redis}, a URL), or
+        L{None}; started here and stopped with the test.
+
+    With C{fake}, another L{Proxy}, this one relays to that one's fake
+    upstream (on its port) instead of a fake of its own: several hermux
+    instances in front of one upstream that counts what they all sent.
+    C{syncInterval}, if given, replaces the shared pool's (set before it
+    starts).
     """
 
     def __init__(
@@ -213,25 +234,39 @@ class Proxy(ClientRequests):
         allowPath: str | None = "allow.txt",
         clients=(),
         clientsPath: str | None = None,
+        redis: str | None = None,
+        redisPrefix: str = "hermux",
+        instanceName: str | None = None,
+        redisPasswordFile: str | None = None,
+        fake: Proxy | None = None,
+        syncInterval: float | None = None,
     ):
         self._testCase = testCase
-        self.fake = FakeOpenRouter(
-            [key.token for key in keys],
-            reactor=eventClock or reactor,
-            eventInterval=eventInterval,
-        )
-        self.fakeSite = _UnloggedSite(self.fake)
-        self._fakeConnections = _Counted(self.fakeSite)
-        if upstreamCertificate is None:
-            self.fakePort = self._listen(self._fakeConnections, lambda: self.fakeConnections)
-            scheme, host = b"http", b"127.0.0.1"
+        if fake is not None:
+            self.fake = fake.fake
+            self.fakeSite = fake.fakeSite
+            self._fakeConnections = fake._fakeConnections
+            self.fakePort = fake.fakePort
+            if upstreamBase is None:
+                upstreamBase = fake.upstreamBase
         else:
-            self.fakePort = self._listen(
-                self._fakeConnections, lambda: self.fakeConnections, upstreamCertificate.options()
+            self.fake = FakeOpenRouter(
+                [key.token for key in keys],
+                reactor=eventClock or reactor,
+                eventInterval=eventInterval,
             )
-            scheme, host = b"https", b"localhost"
-        if upstreamBase is None:
-            upstreamBase = b"%s://%s:%d" % (scheme, host, self.fakePort.getHost().port)
+            self.fakeSite = _UnloggedSite(self.fake)
+            self._fakeConnections = _Counted(self.fakeSite)
+            if upstreamCertificate is None:
+                self.fakePort = self._listen(self._fakeConnections, lambda: self.fakeConnections)
+                scheme, host = b"http", b"127.0.0.1"
+            else:
+                self.fakePort = self._listen(
+                    self._fakeConnections, lambda: self.fakeConnections, upstreamCertificate.options()
+                )
+                scheme, host = b"https", b"localhost"
+            if upstreamBase is None:
+                upstreamBase = b"%s://%s:%d" % (scheme, host, self.fakePort.getHost().port)
         self.upstreamBase = upstreamBase
         self.components = assembleForTest(
             self,
@@ -252,8 +287,17 @@ class Proxy(ClientRequests):
             allowPath=allowPath,
             clients=clients,
             clientsPath=clientsPath,
+            redis=redis,
+            redisPrefix=redisPrefix,
+            instanceName=instanceName,
+            redisPasswordFile=redisPasswordFile,
         )
         testCase.addCleanup(self.upstream.stopService)
+        if self.shared is not None:
+            if syncInterval is not None:
+                self.shared.syncInterval = syncInterval
+            self.shared.startService()
+            testCase.addCleanup(self.shared.stopService)
         self.port = self._listen(self.site, lambda: len(self.site.channels))
         clientPool = HTTPConnectionPool(reactor, persistent=False)
         testCase.addCleanup(clientPool.closeCachedConnections)

@@ -667,3 +667,92 @@ class TwistdTests(TestCase):
         await response.content()
         child.kill("TERM")
         self.assertEqual((await child.ended).exitCode, 0)
+
+
+class RedisOptionTests(TestCase):
+    """
+    C{--redis}, C{--redis-password-file}: whatever goes wrong, no message,
+    nor C{--help}, ever shows the password.
+    """
+
+    password = "s3cret-redis-pw-5e1d"
+
+    def setUp(self):
+        inDirectoryWithConfiguration(self)
+
+    def refusal(self, *args) -> str:
+        """
+        The one-line message hermux stops with for C{args}: a usage error
+        while parsing them, or an exit while building the service.
+        """
+        options = Options()
+        try:
+            options.parseOptions(list(args) + ["--state", self.mktemp()])
+        except usage.UsageError as error:
+            return str(error)
+        stop = self.assertRaises(SystemExit, makeService, options)
+        return str(stop.code)
+
+    def test_defaults(self):
+        options = parseOptions()
+        self.assertIsNone(options["redis"])
+        self.assertIsNone(options["redis-password-file"])
+        self.assertEqual(options["redis-prefix"], "hermux")
+
+    def test_badURLNeverEchoesThePassword(self):
+        for bad in (
+            f"redis://:{self.password}@host:notaport/0",
+            f"redis://:{self.password}@host:99999/0",
+            f"redis://:{self.password}@host:1/notadb",
+            f"redis://:{self.password}@:1/0",
+            f"http://:{self.password}@host:1/0",
+            f"{self.password}",
+            f"redis//:{self.password}@host:1/0",
+            f"redis://host:{self.password}/0",
+            f"redis://:{self.password}@host:1/0?password={self.password}",
+        ):
+            message = self.refusal("--redis", bad)
+            self.assertNotIn("not recognized", message)
+            self.assertNotIn(self.password, message, bad)
+            self.assertNotIn("\n", message, bad)
+            self.assertTrue(message, bad)
+
+    def test_helpShowsNoPassword(self):
+        import io
+        import sys
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        options = Options()
+        self.assertRaises(
+            SystemExit, options.parseOptions,
+            ["--redis", f"redis://:{self.password}@127.0.0.1:6379/0", "--help"],
+        )
+        text = out.getvalue()
+        self.assertIn("--redis", text)
+        self.assertIn("--redis-password-file", text)
+        self.assertIn("--redis-prefix", text)
+        self.assertIn("--instance-name", text)
+        self.assertNotIn(self.password, text)
+
+    async def test_helpOfTwistdShowsNoPassword(self):
+        """
+        The same through twistd itself, in a child process.
+        """
+        out, err, code = await getProcessOutputAndValue(
+            TWISTD[0],
+            TWISTD[1:] + ["hermux", "--redis", f"redis://:{self.password}@127.0.0.1:6379/0", "--help"],
+            env=twistdEnvironment(), path=CHECKOUT,
+        )
+        self.assertEqual(code, 0, out + err)
+        self.assertIn(b"--redis-password-file", out)
+        self.assertNotIn(self.password.encode(), out + err)
+
+    def test_passwordFileMissingIsOneLine(self):
+        path = os.path.abspath(self.mktemp())
+        message = self.refusal(
+            "--redis", "redis://127.0.0.1:6379/0", "--redis-password-file", path
+        )
+        self.assertIn(path, message)
+        self.assertNotIn("\n", message)
+        self.assertNotIn("Traceback", message)
