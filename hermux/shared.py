@@ -300,6 +300,9 @@ class SharedPool(Service):
         self._republish = True
         self._problem: str | None = "not connected to Redis yet"
         self._lastWarned: float | None = None
+        # The other instances' counts of the day, as last read.
+        self._seenDay: int | None = None
+        self._seen: dict[str, dict] = {}
         self._delay = self.syncInterval
         self._pending = None
         self._next = None
@@ -444,25 +447,34 @@ class SharedPool(Service):
                 self._log.warn("ignored a key state from instance {source} that hermux cannot read", source=source)
 
     def _takeCounts(self, day: int, counts: dict[str, str]) -> None:
-        keys: dict[str, list[int]] = {}
-        clients: dict[str, list[int]] = {}
+        """
+        Take the other instances' counts of C{day}.  Each is remembered:
+        an instance missing from what is read (a Redis restarted empty,
+        still waiting for its next write) keeps what it had, but its
+        requests in flight.
+        """
+        if self._seenDay != day:
+            self._seenDay, self._seen = day, {}
+        seen = self._seen
+        for instance in seen:
+            for counts_ in seen[instance]["clients"].values():
+                counts_[1] = 0
         for instance, text in counts.items():
             if instance == self.instance:
                 continue
             try:
-                theirs = json.loads(text)
-                _addAll(keys, theirs["keys"])
-                _addAll(clients, theirs["clients"])
+                theirs = _countsOf(json.loads(text))
             except (ValueError, KeyError, TypeError):
                 continue
-        self._pool.takeElsewhere(day, {name: tuple(c[:5]) for name, c in keys.items() if len(c) >= 5})
+            seen[instance] = theirs
+        keys: dict[str, list[int]] = {}
+        clients: dict[str, list[int]] = {}
+        for theirs in seen.values():
+            _addAll(keys, theirs["keys"])
+            _addAll(clients, theirs["clients"])
+        self._pool.takeElsewhere(day, {name: tuple(c) for name, c in keys.items()})
         self._book.takeElsewhere(
-            day,
-            {
-                label: (c[0], c[1], Counts(*c[2:11]))
-                for label, c in clients.items()
-                if len(c) == 11
-            },
+            day, {label: (c[0], c[1], Counts(*c[2:])) for label, c in clients.items()}
         )
 
     def _takeFailures(self, failures: list[tuple[str, float]]) -> None:
@@ -614,6 +626,18 @@ def _streamEntries(answer) -> list:
     The entries of the one stream an XREAD answer (RESP2) holds.
     """
     return answer[0][1] if answer else []
+
+
+def _countsOf(counts: dict) -> dict:
+    """
+    Another instance's counts as written, checked: 5 counters per key, 11
+    per client, all whole numbers.
+    """
+    keys = {str(name): [int(v) for v in c] for name, c in counts["keys"].items()}
+    clients = {str(label): [int(v) for v in c] for label, c in counts["clients"].items()}
+    if any(len(c) != 5 for c in keys.values()) or any(len(c) != 11 for c in clients.values()):
+        raise ValueError("not hermux's counts")
+    return {"keys": keys, "clients": clients}
 
 
 def _addAll(sums: dict[str, list[int]], theirs: dict) -> None:
