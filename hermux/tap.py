@@ -246,7 +246,7 @@ class Options(usage.Options):
         """A reverse proxy's address or network (10.0.0.0/8, ::1), repeatable: only from these peers, X-Forwarded-For or Forwarded name the client address that --auth-failures counts by and the log shows (default: none; the headers are ignored)."""  # noqa: E501 (twistd --help keeps a docstring's line breaks and indentation)
         self["trusted-proxy"].append(network)
 
-    def _redisOptions(self):
+    def checkRedis(self):
         """
         Check --redis, --redis-password-file and --instance-name; the
         password never appears in an error.
@@ -292,7 +292,7 @@ class Options(usage.Options):
                 self["upstream-ca"] = loadTrustRoot(self["upstream-ca"])
             except ValueError as e:
                 raise usage.UsageError(f"--upstream-ca: {e}")
-        self._redisOptions()
+        self.checkRedis()
         if self["allow"] is None and self["clients"] is None:
             self["allow"] = "allow.txt"
         try:

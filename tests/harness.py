@@ -105,7 +105,7 @@ def hermuxOptions(
     )
     if redis is not None:
         # As twistd checks them: the URL parsed, the password file read.
-        options._redisOptions()
+        options.checkRedis()
     return options
 
 
