@@ -14,7 +14,10 @@ over rounds, of each variant's saving against it in the same round.
   "fastlog") or by one that drops the events ("nolog"): what twistd's log
   line costs hermux;
 - a candidate optimization patched in at startup (bench/patches.py; none
-  is pending).
+  is pending);
+- hermux sharing its pool through Redis ("redis": --redis to a
+  redis-server the benchmark starts on loopback, in its temporary
+  directory): what sharing costs per request.
 
     bench/run experiments [--baseline REV] [--variants hermux,fastlog,nolog]
         [--rounds 3] [--duration 5] [--connections 16] [--sse] [--ttfb]
@@ -53,10 +56,12 @@ class Variant:
     logOption: str = "--logfile=-"
     patches: tuple[str, ...] = ()
     tree: str = REPO
+    redis: bool = False
 
-    def argv(self, python: str, options: list[str]) -> list[str]:
+    def argv(self, python: str, options: list[str], redisURL: str | None = None) -> list[str]:
         twistd = [python, "-m", "bench.patched_twistd"] if self.patches else [python, "-c", TWISTD]
-        return twistd + ["-n", "--pidfile=", self.logOption] + options
+        shared = ["--redis", redisURL, "--instance-name", self.name] if self.redis else []
+        return twistd + ["-n", "--pidfile=", self.logOption] + options + shared
 
     def environ(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -72,6 +77,7 @@ VARIANTS = (
     Variant("fastlog", "twistd's log by str.format, a timestamp per second, batched writes",
             "--logger=bench.quietlog.fastObserver"),
     Variant("nolog", "log events emitted, then dropped (lower bound)", "--logger=bench.quietlog.observer"),
+    Variant("redis", "hermux as it is, sharing its pool through a loopback redis-server", redis=True),
 )
 
 
@@ -94,6 +100,8 @@ def variantProblems(variant: Variant) -> list[str]:
         problem = names.attributeProblem(variant.logOption[len("--logger="):])
         if problem:
             problems.append(f"{variant.name}: {problem}")
+    if variant.redis and shutil.which("redis-server") is None:
+        problems.append(f"{variant.name}: redis-server is not installed (apt-get install redis-server)")
     return problems
 
 
@@ -118,10 +126,26 @@ class Experiments:
         self.targets = Targets(tmp, procs)
         self.problems: list[str] = []
         self.loads = Loads(tmp, self.problems, duration=args.duration)
+        self._tmp = tmp
+        self._procs = procs
+        self._redisURL: str | None = None
+
+    def redisURL(self) -> str:
+        """
+        The URL of the benchmark's redis-server, started at the first call.
+        """
+        if self._redisURL is None:
+            port = freePort()
+            argv = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                    "--dir", self._tmp, "--save", "", "--appendonly", "no"]
+            self._procs.start("redis-server", argv, os.path.join(self._tmp, "redis.log")).waitForPort(port)
+            self._redisURL = f"redis://127.0.0.1:{port}/0"
+        return self._redisURL
 
     def start(self, variant: Variant, upstream: Target) -> Target:
         port = freePort()
-        argv = variant.argv(self.targets.python, self.targets.hermuxOptions(variant.name, upstream, port))
+        options = self.targets.hermuxOptions(variant.name, upstream, port)
+        argv = variant.argv(self.targets.python, options, self.redisURL() if variant.redis else None)
         return self.targets.start(variant.name, argv, port, logs=self.targets.hermuxLogs,
                                   env=variant.environ(), cwd=variant.tree)
 
