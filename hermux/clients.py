@@ -19,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "Admission",
     "ClientBook",
+    "ClientDay",
     "LimitRefusal",
     "TalliedLedger",
     "dailyRequestsRefusal",
@@ -28,6 +29,7 @@ __all__ = [
 
 import math
 from collections import deque
+from typing import NamedTuple
 from fnmatch import fnmatchcase
 
 import attr
@@ -41,7 +43,24 @@ from hermux.record import printable
 
 _MINUTE = 60.0
 _NOTHING = Counts()
-_NONE_ELSEWHERE = (0, 0, _NOTHING)
+
+
+class ClientDay(NamedTuple):
+    """
+    One instance's day of a client, as the instances sharing a pool tell
+    each other: requests admitted and in flight, those admitted in the last
+    minute and when the first of them was (0: none), and the ledger's
+    counts.
+    """
+
+    admitted: int = 0
+    inFlight: int = 0
+    lastMinute: int = 0
+    firstInMinute: float = 0.0
+    counts: Counts = _NOTHING
+
+
+_NONE_ELSEWHERE = ClientDay()
 
 
 class LimitRefusal(Exception):
@@ -128,6 +147,8 @@ class _Today:
     # What the other instances sharing the pool counted.
     otherAdmitted: int = 0
     otherInFlight: int = 0
+    otherLastMinute: int = 0
+    otherFirstInMinute: float = 0.0
     elsewhere: Counts = _NOTHING
 
 
@@ -257,8 +278,10 @@ class ClientBook:
                 recent = today.recent = deque(recent or (), maxlen=entry.perMinute)
             while recent and recent[0] <= now - _MINUTE:
                 recent.popleft()
-            if len(recent) >= entry.perMinute:
-                wait = max(1, math.ceil(recent[0] + _MINUTE - now))
+            others = today.otherLastMinute if today.otherFirstInMinute > now - _MINUTE else 0
+            if len(recent) + others >= entry.perMinute:
+                firsts = [t for t in (recent[0] if recent else 0.0, today.otherFirstInMinute) if t > now - _MINUTE]
+                wait = max(1, math.ceil(min(firsts) + _MINUTE - now))
                 raise LimitRefusal(
                     429,
                     f"this access token's per_minute limit of {entry.perMinute} "
@@ -288,28 +311,31 @@ class ClientBook:
         today = self._todayOf(label, self._reactor.seconds())
         return today.admitted + today.otherAdmitted, today.counts + today.elsewhere
 
-    def ownCounts(self) -> dict[str, tuple[int, int, Counts]]:
+    def ownCounts(self) -> dict[str, ClientDay]:
         """
-        This instance's day of each client: requests admitted and in
-        flight, and the ledger's counts.
+        This instance's day of each client.
         """
-        self._rollover(self._reactor.seconds())
-        return {
-            label: (today.admitted, today.inFlight, today.counts)
-            for label, today in self._clients.items()
-        }
+        now = self._reactor.seconds()
+        self._rollover(now)
+        return {label: _dayOf(today, now) for label, today in self._clients.items()}
 
-    def takeElsewhere(self, day: int, counts: dict[str, tuple[int, int, Counts]]) -> None:
+    def takeElsewhere(self, day: int, days: dict[str, ClientDay]) -> None:
         """
-        Take the other instances' day of each client, if C{day} is today.
+        Take the other instances' day of each client (summed), if C{day}
+        is today.
         """
         now = self._reactor.seconds()
         if day != dayOf(now):
             return
-        for label in counts.keys() - self._clients.keys():
+        for label in days.keys() - self._clients.keys():
             self._todayOf(label, now)
         for label, today in self._clients.items():
-            today.otherAdmitted, today.otherInFlight, today.elsewhere = counts.get(label, _NONE_ELSEWHERE)
+            theirs = days.get(label, _NONE_ELSEWHERE)
+            today.otherAdmitted = theirs.admitted
+            today.otherInFlight = theirs.inFlight
+            today.otherLastMinute = theirs.lastMinute
+            today.otherFirstInMinute = theirs.firstInMinute
+            today.elsewhere = theirs.counts
 
     def counted(self, day: int, label: str, counts: Counts) -> None:
         """
@@ -320,6 +346,11 @@ class ClientBook:
         if day == dayOf(now):
             today = self._todayOf(label, now)
             today.counts = today.counts + counts
+
+
+def _dayOf(today: _Today, now: float) -> ClientDay:
+    recent = [t for t in today.recent or () if t > now - _MINUTE]
+    return ClientDay(today.admitted, today.inFlight, len(recent), recent[0] if recent else 0.0, today.counts)
 
 
 @implementer(ILedger)

@@ -57,7 +57,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from hermux.clients import dailyRequestsRefusal, maxParallelRefusal
+from hermux.clients import ClientDay, dailyRequestsRefusal, maxParallelRefusal
 from hermux.keypool import Kind, Scope, Verdict, dayOf
 from hermux.ledger import Counts, dayText
 
@@ -366,8 +366,8 @@ class SharedPool(Service):
         counts = {
             "keys": self._pool.ownCounts(),
             "clients": {
-                label: [admitted, inFlight, *tuple(day)]
-                for label, (admitted, inFlight, day) in clients.items()
+                label: [day.admitted, day.inFlight, day.lastMinute, day.firstInMinute, *day.counts]
+                for label, day in clients.items()
             },
         }
         verdicts = list(self._verdicts)
@@ -385,7 +385,7 @@ class SharedPool(Service):
             day=dayOf(now),
             now=now,
             counts=json.dumps(counts, separators=(",", ":")),
-            clients={label: (admitted, inFlight) for label, (admitted, inFlight, _) in clients.items()},
+            clients={label: (day.admitted, day.inFlight) for label, day in clients.items()},
             verdicts=verdicts,
             failures=failures,
             lastId=lastId,
@@ -456,9 +456,10 @@ class SharedPool(Service):
         if self._seenDay != day:
             self._seenDay, self._seen = day, {}
         seen = self._seen
-        for instance in seen:
-            for counts_ in seen[instance]["clients"].values():
-                counts_[1] = 0
+        for theirs in seen.values():
+            theirs["clients"] = {
+                label: day._replace(inFlight=0) for label, day in theirs["clients"].items()
+            }
         for instance, text in counts.items():
             if instance == self.instance:
                 continue
@@ -468,14 +469,10 @@ class SharedPool(Service):
                 continue
             seen[instance] = theirs
         keys: dict[str, list[int]] = {}
-        clients: dict[str, list[int]] = {}
         for theirs in seen.values():
             _addAll(keys, theirs["keys"])
-            _addAll(clients, theirs["clients"])
         self._pool.takeElsewhere(day, {name: tuple(c) for name, c in keys.items()})
-        self._book.takeElsewhere(
-            day, {label: (c[0], c[1], Counts(*c[2:])) for label, c in clients.items()}
-        )
+        self._book.takeElsewhere(day, _clientDays(seen.values()))
 
     def _takeFailures(self, failures: list[tuple[str, float]]) -> None:
         byHost: dict[str, list[float]] = {}
@@ -634,10 +631,37 @@ def _countsOf(counts: dict) -> dict:
     per client, all whole numbers.
     """
     keys = {str(name): [int(v) for v in c] for name, c in counts["keys"].items()}
-    clients = {str(label): [int(v) for v in c] for label, c in counts["clients"].items()}
-    if any(len(c) != 5 for c in keys.values()) or any(len(c) != 11 for c in clients.values()):
+    clients = {
+        str(label): ClientDay(int(c[0]), int(c[1]), int(c[2]), float(c[3]), Counts(*map(int, c[4:])))
+        for label, c in counts["clients"].items()
+        if len(c) == 13
+    }
+    if any(len(c) != 5 for c in keys.values()) or len(clients) != len(counts["clients"]):
         raise ValueError("not hermux's counts")
     return {"keys": keys, "clients": clients}
+
+
+def _clientDays(instances) -> dict[str, ClientDay]:
+    """
+    The instances' days of each client, summed; of the first requests in
+    their last minutes, the earliest.
+    """
+    days: dict[str, ClientDay] = {}
+    for theirs in instances:
+        for label, day in theirs["clients"].items():
+            sum_ = days.get(label)
+            if sum_ is None:
+                days[label] = day
+                continue
+            firsts = [t for t in (sum_.firstInMinute, day.firstInMinute) if t]
+            days[label] = ClientDay(
+                sum_.admitted + day.admitted,
+                sum_.inFlight + day.inFlight,
+                sum_.lastMinute + day.lastMinute,
+                min(firsts) if firsts else 0.0,
+                sum_.counts + day.counts,
+            )
+    return days
 
 
 def _addAll(sums: dict[str, list[int]], theirs: dict) -> None:

@@ -12,8 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from hermux.access import AuthThrottle, Client
 from hermux.clients import ClientBook, LimitRefusal
 from hermux.config import ClientEntry, Key
-from hermux.keypool import Kind, KeyPool, Use, Verdict
-from hermux.ledger import MemoryLedger
+from hermux.keypool import Kind, KeyPool, Use, Verdict, dayOf
+from hermux.ledger import Counts, MemoryLedger
 from hermux.shared import SharedPool, _problemOf, defaultInstanceName, parseRedisURL
 from tests.harness import sleep, waitUntil
 from tests.redisserver import RedisServer
@@ -204,6 +204,26 @@ class SharedPoolTests(TestCase):
                 admitted += 1
                 admission.release()
         self.assertEqual((admitted, refused), (5, 7))
+
+    async def test_perMinuteAndCostPoolWide(self):
+        """
+        A client's per_minute and daily_cost count its requests and credits
+        on every instance, a moment behind.
+        """
+        a, b = _Instance(self, self.server, "a"), _Instance(self, self.server, "b")
+        await self.connected(a, b)
+        bot = Client("bot", ClientEntry(name="bot", token="hx-shared-bot-2", perMinute=3, dailyCost=10))
+        for _ in range(2):
+            a.book.admit(bot).release()
+        a.book.counted(dayOf(reactor.seconds()), "bot", Counts(cost=6))
+        await waitUntil(lambda: b.book.today("bot")[0] == 2)
+        b.book.admit(bot).release()
+        refusal = self.assertRaises(LimitRefusal, b.book.admit, bot)
+        self.assertEqual(refusal.limit, "per_minute")
+        self.assertIn(refusal.retryAfter, (59, 60))
+        b.book.counted(dayOf(reactor.seconds()), "bot", Counts(cost=4))
+        await waitUntil(lambda: a.book.today("bot")[1].cost == 10)
+        self.assertEqual(self.assertRaises(LimitRefusal, a.book.admit, bot).limit, "daily_cost")
 
     async def test_failedTokensMerged(self):
         """
