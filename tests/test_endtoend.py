@@ -332,7 +332,7 @@ class RefusalTests(TestCase):
 
     async def test_otherPathsAreNotFound(self):
         proxy = Proxy(self)
-        for path in ("/", "/openai/v1/models", "/hermux", "/hermux/nothing", "/apiv1"):
+        for path in ("/", "/openai/v1/models", "/hermux/nothing", "/hermux/static/nothing.js", "/apiv1"):
             response = await proxy.request("GET", path)
             self.assertEqual(response.code, 404, path)
             self.assertEqual(json.loads(await response.content())["error"]["code"], 404)
