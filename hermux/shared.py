@@ -52,7 +52,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
+from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -331,7 +331,10 @@ class SharedPool(Service):
         if self._next is not None and self._next.active():
             self._next.cancel()
         self._next = None
-        d = self._pending if self._pending is not None else self._exchangeNow()
+        # A last exchange, after the one under way: the others keep this
+        # instance's final counts.
+        d = self._pending if self._pending is not None else succeed(None)
+        d.addBoth(lambda _: self._exchangeNow())
         d.addBoth(lambda _: self._threads.stop())
         return d
 

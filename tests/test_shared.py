@@ -114,7 +114,7 @@ class _Instance:
         )
         self.shared.syncInterval = 0.05
         self.shared.startService()
-        testCase.addCleanup(self.shared.stopService)
+        testCase.addCleanup(lambda: self.shared.running and self.shared.stopService())
 
 
 class SharedPoolTests(TestCase):
@@ -138,6 +138,19 @@ class SharedPoolTests(TestCase):
         self.assertEqual(b.pool.ownCounts(), {"alpha": (0, 0, 0, 0, 0), "beta": (0, 0, 0, 0, 0)})
         chosen = {b.pool.acquire().key.name for _ in range(2)}
         self.assertEqual(chosen, {"alpha", "beta"})
+
+    async def test_lastCountsOnStop(self):
+        """
+        An instance that stops writes its last counts first.
+        """
+        a, b = _Instance(self, self.server, "a"), _Instance(self, self.server, "b")
+        await self.connected(a, b)
+        # After the next exchange, a writes nothing for a minute.
+        a.shared.syncInterval = 60
+        await sleep(0.3)
+        a.pool.acquire().close()
+        await a.shared.stopService()
+        await waitUntil(lambda: sum(s.requestsToday for s in b.pool.statuses()) == 1)
 
     async def test_verdictsReachTheOthers(self):
         """
