@@ -222,10 +222,12 @@ function renderKeys(keys) {
       text(cell(tr, 4), count(key.rate_limited_today));
       text(cell(tr, 5), count(key.errors_today));
       localTime(cell(tr, 6), key.usable_again_at);
-      const reasons = [key.reason];
-      if (key.free_requests_reason) reasons.push(`free models: ${key.free_requests_reason}`);
-      if (key.paid_requests_reason) reasons.push(`paid: ${key.paid_requests_reason}`);
-      text(cell(tr, 7), [...new Set(reasons.filter(Boolean))].join("; "));
+      // A ready key may still serve only free-model or only paid requests.
+      const reasons = [
+        key.free_requests_reason && `free-model requests: ${key.free_requests_reason}`,
+        key.paid_requests_reason && `paid requests: ${key.paid_requests_reason}`,
+      ];
+      text(cell(tr, 7), key.reason ?? reasons.filter(Boolean).join("; "));
     },
   );
 }
