@@ -30,7 +30,10 @@ setup(
         "redis>=5.0",
     ],
     extras_require={
-        "test": ["hypothesis>=6.100", "openai>=1.30"],
+        # selenium drives the system's Chromium (Debian's chromium and
+        # chromium-driver) in the dashboard's browser tests; it downloads
+        # nothing there (SE_OFFLINE).
+        "test": ["hypothesis>=6.100", "openai>=1.30", "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["hermux = hermux.cli:main"]},
     # The dashboard's page, script and style (hermux/dashboard.py serves them).
