@@ -364,6 +364,15 @@ class RedisTroubleTests(TestCase):
         await server.start()
         wrong = "hx-wrong-pass-0f3e77"
         proxy = Proxy(self, redis=f"redis://:{wrong}@127.0.0.1:{server.port}/0", instanceName="a")
+        fix = self.restartTakingPassword(server, proxy, wrong)
+        await self.checkDegradedThenRecovers(proxy, log, fix, (PASSWORD, wrong))
+
+    def restartTakingPassword(self, server, proxy, wrong: str):
+        """
+        What makes a Redis refusing C{proxy}'s C{wrong} password take it:
+        after checking that the problem quotes neither password, restart
+        the server with that one.
+        """
 
         async def fix():
             await self.assertProblemHidesPassword(proxy, (PASSWORD, wrong))
@@ -371,7 +380,7 @@ class RedisTroubleTests(TestCase):
             server.password = wrong
             await server.start()
 
-        await self.checkDegradedThenRecovers(proxy, log, fix, (PASSWORD, wrong))
+        return fix
 
     async def test_passwordFile(self):
         """
@@ -397,13 +406,7 @@ class RedisTroubleTests(TestCase):
         with open(wrongPath, "w") as f:
             f.write(wrong + "\n")
         proxy = Proxy(self, redis=server.url, redisPasswordFile=wrongPath, instanceName="wrong")
-
-        async def fix():
-            await self.assertProblemHidesPassword(proxy, (PASSWORD, wrong))
-            await server.kill()
-            server.password = wrong
-            await server.start()
-
+        fix = self.restartTakingPassword(server, proxy, wrong)
         await self.checkDegradedThenRecovers(proxy, log, fix, (PASSWORD, wrong))
 
     async def test_unreachable(self):
