@@ -96,9 +96,14 @@ class RedisTarget:
     tls: bool = False
     username: str | None = None  # a Redis 6 ACL user; None: the default user
     password: str | None = attr.field(default=None, repr=False)
+    # The PEM file of the only CA trusted for rediss:// (None: the system's).
+    caFile: str | None = None
 
     def withPassword(self, password: str) -> RedisTarget:
         return attr.evolve(self, password=password)
+
+    def withCA(self, path: str) -> RedisTarget:
+        return attr.evolve(self, caFile=path)
 
 
 def parseRedisURL(text: str) -> RedisTarget:
@@ -182,6 +187,8 @@ def _problemOf(error: Exception, target: RedisTarget) -> str:
         isinstance(error, redis.ResponseError) and "WRONGPASS" in str(error)
     ):
         return f"Redis at {target.shown} refused the password (check --redis or --redis-password-file)"
+    if target.tls and "certificate" in str(error).lower():
+        return f"the TLS certificate of Redis at {target.shown} could not be verified"
     if isinstance(error, redis.TimeoutError):
         return f"Redis at {target.shown} did not answer in time"
     if isinstance(error, redis.ConnectionError):
@@ -565,6 +572,7 @@ class SharedPool(Service):
                     ssl=target.tls,
                     ssl_cert_reqs="required",
                     ssl_check_hostname=target.tls,
+                    ssl_ca_certs=target.caFile,
                     **common,
                 )
             self._confirmScript = self._client.register_script(_CONFIRM)

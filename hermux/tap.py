@@ -138,6 +138,13 @@ class Options(usage.Options):
             "File holding the Redis password, instead of one in --redis.",
         ],
         [
+            "redis-ca",
+            None,
+            None,
+            "PEM file of the CA certificate to trust for a rediss:// Redis "
+            "(default: the system's trust store).",
+        ],
+        [
             "redis-prefix",
             None,
             "hermux",
@@ -252,8 +259,9 @@ class Options(usage.Options):
         password never appears in an error.
         """
         if self["redis"] is None:
-            if self["redis-password-file"] is not None:
-                raise usage.UsageError("--redis-password-file needs --redis")
+            for option in ("redis-password-file", "redis-ca"):
+                if self[option] is not None:
+                    raise usage.UsageError(f"--{option} needs --redis")
             return
         try:
             target = parseRedisURL(self["redis"])
@@ -273,6 +281,14 @@ class Options(usage.Options):
             if not password:
                 raise usage.UsageError(f"--redis-password-file {path}: the file is empty")
             target = target.withPassword(password)
+        if self["redis-ca"] is not None:
+            if not target.tls:
+                raise usage.UsageError("--redis-ca is for a rediss:// (TLS) --redis")
+            try:
+                loadTrustRoot(self["redis-ca"])
+            except ValueError as e:
+                raise usage.UsageError(f"--redis-ca: {e}")
+            target = target.withCA(self["redis-ca"])
         self["redis"] = target
         if self["instance-name"] is None:
             self["instance-name"] = defaultInstanceName(self["listen"])

@@ -5,6 +5,8 @@ two pools sharing what they know through a real C{redis-server}.
 
 from __future__ import annotations
 
+import os
+
 import redis
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -99,12 +101,15 @@ class _Instance:
     and a throttle, linked to Redis.
     """
 
-    def __init__(self, testCase, server, name, *, prefix="hermux-test", url=None):
+    def __init__(self, testCase, server, name, *, prefix="hermux-test", url=None, caFile=None):
         self.pool = KeyPool(KEYS, ledger=MemoryLedger(), reactor=reactor)
         self.book = ClientBook(MemoryLedger(), reactor=reactor)
         self.throttle = AuthThrottle(3, reactor=reactor)
+        target = parseRedisURL(url or server.url)
+        if caFile is not None:
+            target = target.withCA(caFile)
         self.shared = SharedPool(
-            parseRedisURL(url or server.url),
+            target,
             pool=self.pool,
             book=self.book,
             throttle=self.throttle,
@@ -296,3 +301,55 @@ class SharedPoolTests(TestCase):
         await waitUntil(lambda: sum(s.requestsToday for s in c.pool.statuses()) == 1)
         self.assertEqual(sum(s.requestsToday for s in b.pool.statuses()), 0)
 
+
+
+class _TLSRedisServer(RedisServer):
+    """
+    A redis-server that also serves TLS, on C{tlsPort}, with a certificate
+    for C{hostname} from a throwaway CA (its PEM in C{caFile}).
+    """
+
+    def __init__(self, testCase, hostname: str):
+        super().__init__(testCase)
+        from tests.harness import closedFreePort, issueCertificates
+
+        ca, server = issueCertificates(hostname)
+        self.tlsPort = closedFreePort()
+        self.caFile = os.path.join(self.directory, "ca.pem")
+        self._certFile = os.path.join(self.directory, "server.pem")
+        with open(self.caFile, "wb") as f:
+            f.write(ca.dumpPEM())
+        with open(self._certFile, "wb") as f:
+            f.write(server.dumpPEM())
+
+    def arguments(self) -> list[str]:
+        return super().arguments() + [
+            "--tls-port", str(self.tlsPort),
+            "--tls-cert-file", self._certFile,
+            "--tls-key-file", self._certFile,
+            "--tls-ca-cert-file", self.caFile,
+            "--tls-auth-clients", "no",
+        ]
+
+
+class RedisTLSTests(TestCase):
+    """
+    rediss://: the certificate is verified, against --redis-ca or the
+    system's trust store, and its name too.
+    """
+
+    async def test_verified(self):
+        server = _TLSRedisServer(self, "localhost")
+        await server.start()
+        url = f"rediss://localhost:{server.tlsPort}/0"
+        trusting = _Instance(self, server, "trusting", url=url, caFile=server.caFile)
+        untrusting = _Instance(self, server, "untrusting", url=url)
+        await waitUntil(lambda: trusting.shared.problem() is None)
+        await waitUntil(lambda: "TLS certificate" in (untrusting.shared.problem() or ""))
+
+    async def test_nameChecked(self):
+        server = _TLSRedisServer(self, "redis.example")
+        await server.start()
+        url = f"rediss://localhost:{server.tlsPort}/0"
+        misnamed = _Instance(self, server, "misnamed", url=url, caFile=server.caFile)
+        await waitUntil(lambda: "TLS certificate" in (misnamed.shared.problem() or ""))

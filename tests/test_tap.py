@@ -756,3 +756,39 @@ class RedisOptionTests(TestCase):
         self.assertIn(path, message)
         self.assertNotIn("\n", message)
         self.assertNotIn("Traceback", message)
+
+
+class RedisCAOptionTests(SynchronousTestCase):
+    """
+    C{--redis-ca}: the CA trusted for a rediss:// Redis.
+    """
+
+    def setUp(self):
+        inDirectoryWithConfiguration(self)
+
+    def test_taken(self):
+        from tests.harness import issueCertificates
+
+        ca, _ = issueCertificates()
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(ca.dumpPEM())
+        options = parseOptions("--redis", "rediss://redis.example:6380/0", "--redis-ca", path)
+        self.assertEqual(options["redis"].caFile, path)
+
+    def test_refused(self):
+        """
+        Without --redis, with a plain redis:// URL, or a file that is not a
+        PEM certificate: one line saying so.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("not a certificate\n")
+        for args, words in (
+            (["--redis-ca", path], "--redis-ca needs --redis"),
+            (["--redis", "redis://h:1/0", "--redis-ca", path], "rediss://"),
+            (["--redis", "rediss://h:1/0", "--redis-ca", path], "not a PEM certificate"),
+            (["--redis", "rediss://h:1/0", "--redis-ca", path + "-missing"], "cannot read"),
+        ):
+            error = self.assertRaises(usage.UsageError, parseOptions, *args)
+            self.assertIn(words, str(error))
