@@ -353,3 +353,31 @@ class RedisTLSTests(TestCase):
         url = f"rediss://localhost:{server.tlsPort}/0"
         misnamed = _Instance(self, server, "misnamed", url=url, caFile=server.caFile)
         await waitUntil(lambda: "TLS certificate" in (misnamed.shared.problem() or ""))
+
+
+class _SocketRedisServer(RedisServer):
+    """
+    A redis-server that also listens on a UNIX socket, C{socketPath}.
+    """
+
+    def __init__(self, testCase):
+        super().__init__(testCase)
+        self.socketPath = os.path.join(self.directory, "redis.sock")
+
+    def arguments(self) -> list[str]:
+        return super().arguments() + ["--unixsocket", self.socketPath, "--unixsocketperm", "700"]
+
+
+class RedisSocketTests(TestCase):
+    async def test_unixSocket(self):
+        """
+        unix:///path reaches a Redis on its UNIX socket.
+        """
+        server = _SocketRedisServer(self)
+        await server.start()
+        url = f"unix://{server.socketPath}?db=1"
+        a = _Instance(self, server, "a", url=url)
+        b = _Instance(self, server, "b", url=url)
+        await waitUntil(lambda: a.shared.problem() is None and b.shared.problem() is None)
+        a.pool.acquire().close()
+        await waitUntil(lambda: sum(s.requestsToday for s in b.pool.statuses()) == 1)
