@@ -275,6 +275,31 @@ class SharedPoolTests(TestCase):
         await self.connected(a, b)
         await waitUntil(lambda: sum(s.requestsToday for s in b.pool.statuses()) == 1)
 
+    async def test_degradedLoggedOnce(self):
+        """
+        While Redis cannot be reached the log says so once (a minute),
+        however many tries fail, and once when it is reached again.
+        """
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def said(words):
+            return [e for e in events if e.get("log_namespace") == "hermux.shared.SharedPool"
+                    and words in e.get("log_format", "")]
+
+        await self.server.stop()
+        a = _Instance(self, self.server, "a")
+        await sleep(1.5)
+        self.assertEqual(len(said("degraded")), 1)
+        await self.server.start()
+        await self.connected(a)
+        await sleep(0.3)
+        self.assertEqual(len(said("shared through Redis")), 1)
+        self.assertEqual(said("shared through Redis")[0]["again"], " again")
+
     async def test_wrongPassword(self):
         """
         A wrong password is a problem that says so, without the password.
