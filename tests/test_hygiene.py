@@ -226,20 +226,6 @@ class CopyResponseHeadersTests(SynchronousTestCase):
         for name, values in copied.items():
             self.assertEqual(client.getRawHeaders(name), values, name)
 
-    def test_acceptEncodingIsHermuxsChoice(self):
-        """
-        Accept-Encoding upstream names only the codings hermux can read on
-        the side that the client accepts, else identity (see
-        L{hermux.hygiene.upstreamAcceptEncoding}).
-        """
-        for client, upstream in [
-            ([b"gzip, br"], [b"gzip"]),
-            ([b"br, zstd"], [b"identity"]),
-            (None, [b"identity"]),
-        ]:
-            headers = Headers({} if client is None else {b"Accept-Encoding": client})
-            self.assertEqual(upstreamHeaders(headers, KEY).getRawHeaders(b"accept-encoding"), upstream)
-
     def test_dropsHopByHop(self):
         """
         Hop-by-hop response headers stay on the upstream connection.

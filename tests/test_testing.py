@@ -14,7 +14,6 @@ from decimal import Decimal
 import treq
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -26,13 +25,12 @@ from twisted.web.http_headers import Headers
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Site
-from zope.interface import implementer
 
 from hermux.demo import DemoUpstream
 from hermux.keypool import ERROR, Kind
 from hermux.quota import classify
+from hermux.relay import BufferedBody
 from hermux.testing import (
     FAKE_ANSWER,
     FAKE_MODEL,
@@ -838,30 +836,6 @@ def gunzip(data: bytes) -> bytes:
     return decoded
 
 
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """
-    A request body written at once.
-    """
-
-    def __init__(self, data: bytes):
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer):
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
 class RawFakeTestCase(SynchronousTestCase):
     """
     The fake behind an agent that neither adds C{Accept-Encoding} nor
@@ -887,7 +861,7 @@ class RawFakeTestCase(SynchronousTestCase):
             headers.setRawHeaders("Accept-Encoding", [acceptEncoding])
         pending = self.agent.request(
             method.encode(), b"http://openrouter.test" + path.encode(), headers,
-            _BytesProducer(body) if body else None,
+            BufferedBody(body) if body else None,
         )
         self.agent.flush()
         response = self.successResultOf(pending)
