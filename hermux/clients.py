@@ -154,7 +154,8 @@ class _Today:
 
 class Admission:
     """
-    A request admitted for a client: in flight until L{release}d.
+    A request admitted for a client, counted in its day: in flight until
+    L{release}d.
     """
 
     __slots__ = ("_today", "admittedBefore", "inFlightBefore")
@@ -162,8 +163,9 @@ class Admission:
     def __init__(self, today: _Today):
         self._today = today
         # This instance's counts before this request, for a pool-wide check.
-        self.admittedBefore = today.admitted - 1
+        self.admittedBefore = today.admitted
         self.inFlightBefore = today.inFlight
+        today.admitted += 1
         today.inFlight += 1
 
     def release(self, ignored=None):
@@ -250,7 +252,6 @@ class ClientBook:
             recent = self._check(entry, today, now)
             if recent is not None:
                 recent.append(now)
-        today.admitted += 1
         return Admission(today)
 
     def _check(self, entry: ClientEntry, today: _Today, now: float) -> deque | None:

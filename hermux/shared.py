@@ -259,8 +259,8 @@ class _Outbound:
 
     day: int
     now: float
-    counts: str  # JSON
-    clients: dict[str, tuple[int, int]]  # admitted, in flight
+    keys: dict[str, tuple[int, int, int, int, int]]
+    clients: dict[str, ClientDay]
     verdicts: list[tuple[str, Verdict | None]]  # None: reinstated
     failures: list[tuple[str, float]]
     lastId: str
@@ -372,14 +372,6 @@ class SharedPool(Service):
 
     def _outbound(self) -> _Outbound:
         now = self._reactor.seconds()
-        clients = self._book.ownCounts()
-        counts = {
-            "keys": self._pool.ownCounts(),
-            "clients": {
-                label: [day.admitted, day.inFlight, day.lastMinute, day.firstInMinute, *day.counts]
-                for label, day in clients.items()
-            },
-        }
         verdicts = list(self._verdicts)
         self._verdicts.clear()
         if self._republish:
@@ -394,8 +386,8 @@ class SharedPool(Service):
         return _Outbound(
             day=dayOf(now),
             now=now,
-            counts=json.dumps(counts, separators=(",", ":")),
-            clients={label: (day.admitted, day.inFlight) for label, day in clients.items()},
+            keys=self._pool.ownCounts(),
+            clients=self._book.ownCounts(),
             verdicts=verdicts,
             failures=failures,
             lastId=lastId,
@@ -592,14 +584,14 @@ class SharedPool(Service):
         # restarted empty gets a new one, and every instance sees it change.
         pipe.set(self._key("epoch"), secrets.token_hex(8), nx=True)
         pipe.get(self._key("epoch"))
-        pipe.hset(countsKey, self.instance, out.counts)
+        pipe.hset(countsKey, self.instance, _countsText(out))
         pipe.expire(countsKey, _DAY_KEPT)
-        for label, (admitted, inFlight) in out.clients.items():
+        for label, clientDay in out.clients.items():
             admittedKey = self._key("admitted", day, label)
-            pipe.hset(admittedKey, self.instance, admitted)
+            pipe.hset(admittedKey, self.instance, clientDay.admitted)
             pipe.expire(admittedKey, _DAY_KEPT)
             inFlightKey = self._key("in-flight", label)
-            pipe.hset(inFlightKey, self.instance, "%d:%d" % (inFlight, out.now))
+            pipe.hset(inFlightKey, self.instance, "%d:%d" % (clientDay.inFlight, out.now))
             pipe.expire(inFlightKey, _DAY_KEPT)
         for key, verdict in out.verdicts:
             if verdict is None:
@@ -636,10 +628,23 @@ def _streamEntries(answer) -> list:
     return answer[0][1] if answer else []
 
 
+def _countsText(out: _Outbound) -> str:
+    """
+    This instance's counts as the others read them (L{_countsOf}): JSON, 5
+    counters per key and 13 per client.
+    """
+    clients = {
+        label: [day.admitted, day.inFlight, day.lastMinute, day.firstInMinute, *day.counts]
+        for label, day in out.clients.items()
+    }
+    return json.dumps({"keys": out.keys, "clients": clients}, separators=(",", ":"))
+
+
 def _countsOf(counts: dict) -> dict:
     """
-    Another instance's counts as written, checked: 5 counters per key, 11
-    per client, all whole numbers.
+    Another instance's counts as written, checked: 5 counters per key, 13
+    per client (whole numbers, but the time of the first request in the
+    last minute).
     """
     keys = {str(name): [int(v) for v in c] for name, c in counts["keys"].items()}
     clients = {
@@ -679,8 +684,7 @@ def _addAll(sums: dict[str, list[int]], theirs: dict) -> None:
     for name, counts in theirs.items():
         mine = sums.setdefault(name, [0] * len(counts))
         for i, value in enumerate(counts):
-            if i < len(mine):
-                mine[i] += int(value)
+            mine[i] += value
 
 
 def _clientName(instance: str) -> str:
