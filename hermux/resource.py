@@ -36,12 +36,11 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from hermux import dashboard
+from hermux import __version__, dashboard
 from hermux.access import AccessList, AuthThrottle, Client
 from hermux.clients import ClientBook, LimitRefusal, notAllowedModel
 from hermux.errors import ErrorResource, renderError
 from hermux.hygiene import BadTarget, upstreamTarget
-from hermux import __version__
 from hermux.keypool import NANOCREDITS, KeyPool, KeyStatus, State, dayOf, isoTime
 from hermux.ledger import COUNTERS, ILedger, MemoryLedger, TooManyRows
 from hermux.metrics import Metrics
